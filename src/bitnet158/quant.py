@@ -23,7 +23,9 @@ def weight_scale(w: np.ndarray) -> np.float32:
     return np.float32(max(np.float32(mean), np.float32(EPS)))
 
 
-def quantize_weights(w: np.ndarray, scale: np.float32 | None = None) -> tuple[np.ndarray, np.float32]:
+def quantize_weights(
+    w: np.ndarray, scale: np.float32 | None = None
+) -> tuple[np.ndarray, np.float32]:
     """Ternary codes int8[N, K] in {-1, 0, 1} and the scale beta, so that W ~ codes * beta.
 
     `scale` forces a given beta (e.g. one scale shared by a fused q/k/v matrix).
