@@ -1,0 +1,328 @@
+"""Our own checkpoint file: one memory-mappable `.safetensors` file with packed ternary weights.
+
+Tensors are the canonical names of `bitnet158.formats` with `.codes` replaced by `.packed`
+(uint8, `packing.pack_ours`), every `.scale` as float32[1], norms float32, and `embed.weight` /
+`lm_head.weight` in their source dtype (F32, F16 or BF16). The header's `__metadata__` holds
+`format` = "bitnet158", `format_version` = "1", `config` (ModelConfig JSON), `tokenizer`
+(tokenizer.json text) and optionally `chat_template` and `source`.
+
+The file is plain safetensors (the official library reads it too): an 8-byte little-endian
+header length, a JSON header padded with spaces so the payload starts 8-byte aligned, then the
+tensors back to back, largest element size first so every tensor is aligned to its own size.
+numpy has no bfloat16: a BF16 tensor is a uint16 array of its raw bits, here and in the
+canonical dicts (`bf16_to_float32` widens it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ConfigError, FormatError
+from ..packing import ours_packed_shape, pack_ours, unpack_ours
+
+FORMAT = "bitnet158"
+FORMAT_VERSION = "1"
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+FLOAT_MATRICES = ("embed.weight", "lm_head.weight")  # kept in their source dtype
+MAX_HEADER = 100 << 20  # the official reader's limit too
+
+# safetensors dtype name <-> numpy dtype; BF16 is held as its raw uint16 bits.
+_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+}
+
+
+@dataclass
+class NativeCheckpoint:
+    """A loaded native file: config, memory-mapped tensors (`.packed` names), tokenizer text."""
+
+    config: ModelConfig
+    tensors: dict[str, np.ndarray]
+    tokenizer_json: str
+    chat_template: str | None
+    path: Path
+    source: str | None = None
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen raw BF16 bits (uint16) to float32 exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(N, K) of each ternary projection of one layer."""
+    H, inter, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    return {
+        "q": (q, H),
+        "k": (kv, H),
+        "v": (kv, H),
+        "o": (H, q),
+        "gate": (inter, H),
+        "up": (inter, H),
+        "down": (H, inter),
+    }
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a native file of this config holds, with its shape."""
+    H, V = config.hidden_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (V, H)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    if config.norm_affine:
+        shapes["norm.weight"] = (H,)
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        if config.norm_affine:
+            shapes[p + "attn_norm.weight"] = (H,)
+            shapes[p + "ffn_norm.weight"] = (H,)
+        if config.subln:
+            shapes[p + "attn_sub_norm.weight"] = (config.q_size,)
+            shapes[p + "ffn_sub_norm.weight"] = (config.intermediate_size,)
+        for proj, (n, k) in projection_shapes(config).items():
+            shapes[p + proj + ".packed"] = ours_packed_shape(n, k)
+            shapes[p + proj + ".scale"] = (1,)
+    return shapes
+
+
+def _float_matrix(name: str, value: np.ndarray) -> np.ndarray:
+    """embed/lm_head in a storable dtype: float32, float16, or BF16 bits (uint16)."""
+    value = np.asarray(value)
+    if value.dtype.name == "bfloat16":  # ml_dtypes, if a caller uses it
+        return value.view(np.uint16)
+    if value.dtype in (np.float32, np.float16, np.uint16):
+        return value
+    if value.dtype == np.float64:
+        return value.astype(np.float32)
+    raise FormatError(f"tensor {name}: unsupported dtype {value.dtype} (want F32, F16 or BF16)")
+
+
+def pack_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Canonical tensors (`.codes`) -> native tensors (`.packed`, scales float32[1]).
+
+    Tensors already packed pass through, so a loaded native checkpoint can be re-saved.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        if name.endswith(".codes"):
+            out[name[: -len(".codes")] + ".packed"] = pack_ours(np.asarray(value, dtype=np.int8))
+        elif name.endswith(".packed"):
+            out[name] = np.asarray(value, dtype=np.uint8)
+        elif name.endswith(".scale"):
+            out[name] = np.asarray(value, dtype=np.float32).reshape(1)
+        elif name in FLOAT_MATRICES:
+            out[name] = _float_matrix(name, value)
+        else:
+            out[name] = np.asarray(value, dtype=np.float32)
+    _check_names(config, out, "tensors to save")
+    return out
+
+
+def unpack_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Native tensors (`.packed`) -> canonical tensors (`.codes` int8, scalar float32 scales)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        if name.endswith(".packed"):
+            n, k = projection_shapes(config)[name.rsplit(".", 2)[1]]
+            out[name[: -len(".packed")] + ".codes"] = unpack_ours(value, n, k)
+        elif name.endswith(".scale"):
+            out[name] = np.float32(np.asarray(value).reshape(-1)[0])
+        else:
+            out[name] = value
+    return out
+
+
+def _check_names(config: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise FormatError(f"{where}: missing tensor(s) {', '.join(missing[:5])}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise FormatError(f"{where}: unexpected tensor(s) {', '.join(unexpected[:5])}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise FormatError(
+                f"{where}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}"
+            )
+
+
+def _dtype_name(name: str, value: np.ndarray) -> str:
+    if value.dtype == np.uint16 and name in FLOAT_MATRICES:
+        return "BF16"
+    for key, dtype in _DTYPES.items():
+        if value.dtype == dtype and key != "BF16":
+            return key
+    raise FormatError(f"tensor {name}: dtype {value.dtype} cannot be stored in a native file")
+
+
+def save_native(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    tensors: dict[str, np.ndarray],
+    tokenizer_json: str,
+    chat_template: str | None = None,
+    source: str | None = None,
+) -> Path:
+    """Write canonical (or already packed) tensors to our `.safetensors` file, atomically."""
+    path = Path(path)
+    native = pack_tensors(config, tensors)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_json(),
+        "tokenizer": tokenizer_json,
+    }
+    if chat_template is not None:
+        metadata["chat_template"] = chat_template
+    if source is not None:
+        metadata["source"] = source
+
+    # Largest element size first, back to back: each tensor stays aligned to its element size
+    # and the payload has no holes (the official reader rejects holes).
+    order = sorted(native, key=lambda n: (-native[n].dtype.itemsize, n))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        value = native[name]
+        header[name] = {
+            "dtype": _dtype_name(name, value),
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + value.nbytes],
+        }
+        offset += value.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # payload starts 8-byte aligned
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for name in order:
+                value = native[name]
+                f.write(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_header(path: Path, buf: np.ndarray) -> tuple[dict, int]:
+    """The parsed JSON header and the absolute offset of the payload."""
+    if buf.size < 8:
+        raise FormatError(f"{path}: {buf.size} bytes is too short for a safetensors file")
+    n = int.from_bytes(buf[:8].tobytes(), "little")
+    if n > MAX_HEADER or 8 + n > buf.size:
+        raise FormatError(
+            f"{path}: header length {n} runs past the end of the file ({buf.size} bytes); "
+            "the file is truncated or not a safetensors file"
+        )
+    try:
+        header = json.loads(buf[8 : 8 + n].tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: the safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: the safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def _tensor_views(path: Path, buf: np.ndarray, header: dict, start: int) -> dict[str, np.ndarray]:
+    """Validated zero-copy views of every tensor in the header."""
+    size = buf.size - start
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            raise FormatError(f"{path}: tensor {name}: unsupported or missing dtype")
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"{path}: tensor {name}: malformed header entry ({exc!r})") from None
+        if any(d < 0 for d in shape) or not 0 <= begin <= end:
+            raise FormatError(f"{path}: tensor {name}: bad shape {list(shape)} or offsets")
+        if end > size:
+            raise FormatError(
+                f"{path}: tensor {name}: data ends at byte {end} but the payload has {size} bytes "
+                "(truncated file?)"
+            )
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise FormatError(
+                f"{path}: tensor {name}: {end - begin} bytes do not hold "
+                f"{info['dtype']}{list(shape)} ({math.prod(shape) * dtype.itemsize} bytes)"
+            )
+        spans.append((begin, end, name))
+        tensors[name] = np.asarray(buf[start + begin : start + end]).view(dtype).reshape(shape)
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise FormatError(f"{path}: tensors {a} and {b} overlap")
+    return tensors
+
+
+def load_native(path: str | os.PathLike) -> NativeCheckpoint:
+    """Memory-map our `.safetensors` file and validate it against its config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise FormatError(f"{path}: the file is empty")
+    buf = np.memmap(path, dtype=np.uint8, mode="r")  # tensors are views: nothing is copied
+    header, start = _read_header(path, buf)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FormatError(
+            f"{path}: not a bitnet158 file (metadata format is {meta.get('format')!r} "
+            f"if any); convert it first with `bitnet158 convert`"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: bitnet158 format version {meta.get('format_version')!r} is not supported "
+            f"(this version reads {FORMAT_VERSION!r})"
+        )
+    if "tokenizer" not in meta or "config" not in meta:
+        raise FormatError(f"{path}: the metadata lacks the config or the tokenizer")
+    try:
+        config = ModelConfig.from_json(meta["config"])
+    except ConfigError as exc:
+        raise FormatError(f"{path}: bad config in the metadata: {exc}") from None
+    tensors = _tensor_views(path, buf, header, start)
+    _check_names(config, tensors, str(path))
+    for name in tensors:
+        got = tensors[name].dtype
+        want = (
+            (np.float32, np.float16, np.uint16)
+            if name in FLOAT_MATRICES
+            else (np.uint8,)
+            if name.endswith(".packed")
+            else (np.float32,)
+        )
+        if got not in want:
+            raise FormatError(f"{path}: tensor {name} has dtype {got}, expected one of {want}")
+    return NativeCheckpoint(
+        config=config,
+        tensors=tensors,
+        tokenizer_json=meta["tokenizer"],
+        chat_template=meta.get("chat_template"),
+        path=path,
+        source=meta.get("source"),
+    )
