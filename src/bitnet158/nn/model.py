@@ -53,12 +53,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Block(nn.Module):
     """Pre-norm decoder block: h = x + Attn(norm(x)); out = h + FFN(norm(h))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ternary: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         H, ffn = cfg.hidden_size, cfg.intermediate_size
 
-        def linear(k: int, n: int) -> BitLinear:
+        def linear(k: int, n: int) -> nn.Linear:
+            if not ternary:  # the full-precision twin of the same architecture
+                return nn.Linear(k, n, bias=False)
             return BitLinear(k, n, inner_norm=cfg.inner_norm, inner_norm_eps=cfg.inner_norm_eps)
 
         self.attn_norm = Norm(H, cfg.rms_norm_eps, cfg.norm_kind, cfg.norm_affine)
@@ -103,13 +105,16 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only BitNet b1.58 model; forward(idx[B, T]) -> logits float32[B, T, vocab]."""
+    """Decoder-only BitNet b1.58 model; forward(idx[B, T]) -> logits float32[B, T, vocab].
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    `ternary=False` builds the full-precision twin (nn.Linear everywhere), for comparisons.
+    """
+
+    def __init__(self, cfg: ModelConfig, ternary: bool = True) -> None:
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, ternary) for _ in range(cfg.num_layers))
         self.norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_kind, cfg.norm_affine)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
