@@ -40,7 +40,9 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-token (per-row) absmax int8: x_q int8[T, K] and s float32[T] with x ~ x_q / s."""
     x = np.asarray(x, dtype=np.float32)
     amax = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(EPS))
-    s = np.float32(127.0) / amax
+    # torch evaluates `127 / amax` as reciprocal(amax) * 127; every reference implementation is
+    # torch code, so do the same (a true division differs in the last bit for some amax).
+    s = (np.float32(1.0) / amax) * np.float32(127.0)
     x_q = np.clip(np.round(x * s), -128, 127).astype(np.int8)
     return x_q, s[..., 0]
 
