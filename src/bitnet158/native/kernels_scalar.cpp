@@ -1,0 +1,51 @@
+// Portable scalar kernels: the definition every SIMD kernel must match bit for bit, and the
+// path used on CPUs without AVX2 (and on ARM until a NEON kernel exists).
+#include <cmath>
+
+#include "kernels.h"
+
+namespace bitnet158 {
+
+float quantize_row_scalar(const float* x, int64_t k, int8_t* q) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) {
+        const float a = std::fabs(x[i]);
+        amax = a > amax ? a : amax;  // NaN compares false: ignored, as by the SIMD max
+    }
+    const float s = activation_scale(amax);
+    for (int64_t i = 0; i < k; ++i) q[i] = quantize_value(x[i] * s);
+    return s;
+}
+
+// Dot product of one row r of a group with one activation row, over all K blocks:
+// byte m of the row's 64 bytes in block b holds codes of k = 256*b + 64*j + m at shift 2*j.
+static int32_t row_dot_codes(const uint8_t* group, int64_t nblocks, int r, const int8_t* x) {
+    int32_t acc = 0;
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const uint8_t* w = group + b * kBlock + 64 * r;
+        const int8_t* xb = x + b * kBlock;
+        for (int m = 0; m < 64; ++m) {
+            const int byte = w[m];
+            acc += (byte & 3) * xb[m] + ((byte >> 2) & 3) * xb[64 + m] +
+                   ((byte >> 4) & 3) * xb[128 + m] + (byte >> 6) * xb[192 + m];
+        }
+    }
+    return acc;
+}
+
+void gemm_groups_scalar(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,
+                        const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
+                        const GemmOut& out) {
+    const int64_t nblocks = kpad / kBlock;
+    for (int64_t g = g0; g < g1; ++g) {
+        const uint8_t* group = packed + g * kpad;
+        for (int r = 0; r < kRows && g * kRows + r < n; ++r) {
+            for (int64_t t = 0; t < T; ++t) {
+                const int32_t dot = row_dot_codes(group, nblocks, r, x_q + t * kpad);
+                out.store(t, g * kRows + r, dot - x_sum[t]);  // sum x*(w+1) - sum x
+            }
+        }
+    }
+}
+
+}  // namespace bitnet158
