@@ -1,0 +1,73 @@
+"""Next-token sampling: repetition penalty, temperature, top-k, top-p, in that order.
+
+The order and the formulas follow transformers' logits processors, so the same settings mean
+the same thing here and there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from ..errors import GenerationError
+
+
+def check_params(
+    temperature: float, top_k: int | None, top_p: float | None, penalty: float
+) -> None:
+    """Raise GenerationError for settings that have no meaning."""
+    if not temperature >= 0:
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if not penalty > 0:
+        raise GenerationError(f"repetition_penalty must be > 0 (1 = none), got {penalty}")
+
+
+def repetition_penalty(logits: np.ndarray, previous: Iterable[int], penalty: float) -> np.ndarray:
+    """Penalize tokens already seen: positive logits divided by `penalty`, negative multiplied."""
+    ids = np.unique(np.fromiter(previous, dtype=np.int64))
+    if penalty == 1.0 or ids.size == 0:
+        return logits
+    logits = logits.copy()
+    seen = logits[ids]
+    logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def probabilities(
+    logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> np.ndarray:
+    """Sampling distribution float64[V] after temperature, top-k and top-p (temperature > 0)."""
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z[z < kth] = -np.inf
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        mass_before = np.cumsum(p[order]) - p[order]
+        p[order[mass_before >= top_p]] = 0.0  # keep the smallest top set reaching top_p
+        p /= p.sum()
+    return p
+
+
+def sample(
+    logits: np.ndarray,
+    rng: np.random.Generator,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    penalty: float = 1.0,
+    previous: Iterable[int] = (),
+) -> int:
+    """Pick the next token id from logits float32[V]; temperature 0 is greedy."""
+    logits = repetition_penalty(logits, previous, penalty)
+    if temperature == 0:
+        return int(np.argmax(logits))
+    cdf = np.cumsum(probabilities(logits, temperature, top_k, top_p))
+    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
