@@ -166,7 +166,8 @@ def _tq_blocks(codes: np.ndarray, scale) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(np.isfinite(scale)) or np.any(scale < 0):
         raise ValueError("TQ1_0/TQ2_0 scale must be finite and non-negative")
     nonzero = np.any(blocks != 1, axis=-1)
-    d = np.where(nonzero, scale, np.float32(0)).astype(np.float16)
+    with np.errstate(over="ignore"):
+        d = np.where(nonzero, scale, np.float32(0)).astype(np.float16)
     if not np.all(np.isfinite(d)):
         raise ValueError("TQ1_0/TQ2_0 scale overflows fp16")
     return blocks, d.view(np.uint8).reshape(n, k // QK_K, 2)

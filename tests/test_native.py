@@ -1,0 +1,195 @@
+"""bitnet158._native against numpy references, bit for bit, on every ISA this CPU runs.
+
+References: `quant.quantize_activations` / `quant.ternary_linear_reference` (numpy) and an exact
+integer matmul of the original ternary codes (float64 BLAS: every partial sum is an integer far
+below 2^53, so it is exact). The packed weights come from `packing.pack_ours`.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bitnet158 import _native, packing, quant
+
+ISAS = _native.available_isas()
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = _native.get_num_threads()
+    yield
+    _native.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=4)
+def weights(n, k):
+    codes = np.random.default_rng(n * 7919 + k).integers(-1, 2, size=(n, k)).astype(np.int8)
+    return codes, packing.pack_ours(codes)
+
+
+def exact_matmul(x_q, codes):
+    return (x_q.astype(np.float64) @ codes.astype(np.float64).T).astype(np.int32)
+
+
+def activations(t, k, seed=0):
+    x = np.random.default_rng(seed).standard_normal((t, k)).astype(np.float32)
+    x[:, ::7] *= 4  # outliers, as real activations have
+    return x
+
+
+def test_isa_reporting():
+    assert ISAS[0] == "scalar" and set(ISAS) <= {"scalar", "avx2", "avx512"}
+    assert _native.isa() == os.environ.get("BITNET158_ISA", ISAS[-1])  # best unless forced
+
+
+@pytest.mark.parametrize("k", [100, 300, 2560, 3200, 6912])
+@pytest.mark.parametrize("n", [1, 3, 4, 4097])
+def test_gemm_and_bitlinear_bit_exact(n, k):
+    codes, packed = weights(n, k)
+    _native.set_num_threads(2)
+    for t in (1, 7, 16):
+        x = activations(t, k, seed=t)
+        x_q, _ = quant.quantize_activations(x)
+        expected = exact_matmul(x_q, codes)
+        y_expected = quant.ternary_linear_reference(x, codes, 1.555)
+        for isa in ISAS:
+            got = _native.ternary_gemm_i32(x_q, packed, n, k, isa=isa)
+            assert got.dtype == np.int32 and got.shape == (t, n)
+            np.testing.assert_array_equal(got, expected, err_msg=f"{isa} T={t}")
+            y = _native.bitlinear(x, packed, 1.555, n, k, isa=isa)
+            assert y.dtype == np.float32
+            np.testing.assert_array_equal(y, y_expected, err_msg=f"{isa} T={t}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gemm_extreme_values_do_not_overflow(isa):
+    """All-(-128) activations against all-(+1) and all-(-1) rows: the int16 sums of the AVX2
+    path and the int32 sums everywhere stay exact."""
+    n, k = 8, 6912
+    codes = np.ones((n, k), dtype=np.int8)
+    codes[1::2] = -1
+    codes[4] = 0
+    packed = packing.pack_ours(codes)
+    x_q = np.full((5, k), -128, dtype=np.int8)
+    x_q[1] = 127
+    x_q[2, ::2] = 127
+    np.testing.assert_array_equal(
+        _native.ternary_gemm_i32(x_q, packed, n, k, isa=isa), exact_matmul(x_q, codes)
+    )
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_do_not_change_results(threads):
+    n, k = 4097, 2560
+    codes, packed = weights(n, k)
+    x = activations(9, k)
+    _native.set_num_threads(threads)
+    assert _native.get_num_threads() == threads
+    np.testing.assert_array_equal(
+        _native.bitlinear(x, packed, 0.75, n, k), quant.ternary_linear_reference(x, codes, 0.75)
+    )
+
+
+@pytest.mark.parametrize("k", [1, 15, 16, 17, 31, 32, 33, 100, 2560, 6913])
+def test_quantize_activations_bit_exact(k):
+    x = activations(6, k, seed=k)
+    x[1] = 0  # all-zero row: s = 127 / 1e-5
+    x[2] *= 1e-7  # amax below the 1e-5 floor
+    expected_q, expected_s = quant.quantize_activations(x)
+    for isa in ISAS:
+        x_q, s = _native.quantize_activations(x, isa=isa)
+        assert x_q.dtype == np.int8 and s.dtype == np.float32
+        np.testing.assert_array_equal(x_q, expected_q, err_msg=isa)
+        np.testing.assert_array_equal(s, expected_s, err_msg=isa)
+
+
+def test_quantize_rounds_half_to_even():
+    # amax 127 gives s = 1 exactly, so every .5 below is a tie; 40 values reach the SIMD body
+    ties = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5], dtype=np.float32)
+    x = np.concatenate([[127.0], np.tile(ties, 5)]).astype(np.float32)[None, :]
+    expected = np.concatenate([[127], np.tile([0, 2, 2, 0, -2, -2, 126, -126], 5)])
+    for isa in ISAS:
+        x_q, s = _native.quantize_activations(x, isa=isa)
+        assert s[0] == 1.0
+        np.testing.assert_array_equal(x_q[0], expected, err_msg=isa)
+
+
+def test_quantize_non_finite_agrees_across_isas():
+    """numpy's int8 cast of NaN is unspecified; ours is -128 on every ISA, NaNs skip the max."""
+    x = activations(3, 100)
+    x[0, 5] = np.nan
+    x[1, 40] = np.inf
+    results = [_native.quantize_activations(x, isa=isa) for isa in ISAS]
+    assert results[0][0][0, 5] == -128
+    ref_q, ref_s = quant.quantize_activations(x[2:])
+    for x_q, s in results:
+        np.testing.assert_array_equal(x_q, results[0][0])
+        np.testing.assert_array_equal(s, results[0][1])
+        np.testing.assert_array_equal(x_q[2:], ref_q)
+        np.testing.assert_array_equal(s[2:], ref_s)
+
+
+def test_empty_batch_and_read_only_weights():
+    codes, packed = weights(3, 300)
+    read_only = packed.copy()
+    read_only.setflags(write=False)  # as memory-mapped weights are
+    x = activations(2, 300)
+    np.testing.assert_array_equal(
+        _native.bitlinear(x, read_only, 1.0, 3, 300),
+        quant.ternary_linear_reference(x, codes, 1.0),
+    )
+    assert _native.ternary_gemm_i32(np.zeros((0, 300), np.int8), read_only, 3, 300).shape == (0, 3)
+    assert _native.bitlinear(np.zeros((0, 300), np.float32), read_only, 1.0, 3, 300).shape == (0, 3)
+
+
+def test_bad_inputs_raise():
+    codes, packed = weights(3, 300)
+    x = activations(2, 300)
+    x_q, _ = quant.quantize_activations(x)
+    with pytest.raises(TypeError):
+        _native.bitlinear(x.astype(np.float64), packed, 1.0, 3, 300)
+    with pytest.raises(TypeError):
+        _native.ternary_gemm_i32(x_q.astype(np.int32), packed, 3, 300)
+    with pytest.raises(TypeError):
+        _native.ternary_gemm_i32(x_q, packed.view(np.int8), 3, 300)
+    with pytest.raises(TypeError):  # not C-contiguous
+        _native.quantize_activations(activations(2, 600)[:, ::2])
+    with pytest.raises(TypeError):  # 1-D
+        _native.quantize_activations(x[0])
+    with pytest.raises(ValueError, match=r"shape \(2, 512\), got \(1, 512\)"):
+        _native.ternary_gemm_i32(x_q, packed, 5, 300)  # 5 rows need 2 groups of 4
+    with pytest.raises(ValueError, match="must have shape"):
+        _native.bitlinear(x, packed[:, :256], 1.0, 3, 300)
+    with pytest.raises(ValueError, match="columns"):
+        _native.bitlinear(x[:, :200].copy(), packed, 1.0, 3, 300)
+    with pytest.raises(ValueError, match=">= 1"):
+        _native.ternary_gemm_i32(x_q, packed, 0, 300)
+    with pytest.raises(ValueError, match="unknown ISA"):
+        _native.bitlinear(x, packed, 1.0, 3, 300, isa="neon")
+    with pytest.raises(ValueError):
+        _native.set_num_threads(0)
+
+
+def run_with_isa(value):
+    env = {**os.environ, "BITNET158_ISA": value}
+    code = "from bitnet158 import _native; print(_native.isa())"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_env_var_forces_isa(isa):
+    result = run_with_isa(isa)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == isa
+
+
+def test_env_var_rejects_unknown_isa():
+    result = run_with_isa("sse9")
+    assert result.returncode != 0
+    assert "BITNET158_ISA=sse9" in result.stderr

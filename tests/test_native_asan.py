@@ -1,0 +1,145 @@
+"""The native extension under AddressSanitizer + UBSan: every kernel on every ISA this CPU runs,
+odd shapes, threads, and bad inputs, with no sanitizer report.
+
+The extension is built with -DBITNET158_SANITIZE=ON into build/asan (incremental after the first
+run) and loaded by file path in a subprocess that preloads libasan, so the installed extension and
+the package import machinery are not involved.
+"""
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "build" / "asan"
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("cmake") is None,
+    reason="needs Linux and cmake",
+)
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, sys
+    import numpy as np
+
+    def load(name, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    native = load("_native", sys.argv[1])
+    packing = load("packing", sys.argv[2] + "/packing.py")
+    quant = load("quant", sys.argv[2] + "/quant.py")
+    rng = np.random.default_rng(0)
+
+    for isa in native.available_isas():
+        for threads in (1, 2):
+            native.set_num_threads(threads)
+            for n, k, t in [(1, 1, 1), (3, 100, 7), (4, 256, 2), (5, 300, 16), (130, 2560, 5),
+                            (37, 700, 3), (4097, 256, 1)]:
+                codes = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+                packed = packing.pack_ours(codes)
+                x = rng.standard_normal((t, k)).astype(np.float32)
+                x_q, s = quant.quantize_activations(x)
+                q2, s2 = native.quantize_activations(x, isa=isa)
+                assert (q2 == x_q).all() and (s2 == s).all(), (isa, n, k, t)
+                acc = native.ternary_gemm_i32(x_q, packed, n, k, isa=isa)
+                assert (acc == x_q.astype(np.int64) @ codes.T.astype(np.int64)).all()
+                y = native.bitlinear(x, packed, 0.5, n, k, isa=isa)
+                assert np.array_equal(y, quant.ternary_linear_reference(x, codes, 0.5))
+            empty = native.bitlinear(np.zeros((0, 256), np.float32), packed, 1.0, 4097, 256)
+            assert empty.shape == (0, 4097)
+            nan = np.full((2, 33), np.nan, np.float32)
+            assert (native.quantize_activations(nan, isa=isa)[0] == -128).all()
+
+    packed = packing.pack_ours(np.zeros((3, 300), np.int8))
+    x = np.zeros((2, 300), np.float32)
+    bad = [
+        lambda: native.bitlinear(x.astype(np.float64), packed, 1.0, 3, 300),
+        lambda: native.bitlinear(x, packed[:, :256], 1.0, 3, 300),
+        lambda: native.bitlinear(x, packed, 1.0, 3, 301),
+        lambda: native.bitlinear(x, packed, 1.0, 9, 300),
+        lambda: native.bitlinear(x, packed, 1.0, 0, 300),
+        lambda: native.bitlinear(x, packed, 1.0, 3, -5),
+        lambda: native.bitlinear(x, packed, 1.0, 3, 300, isa="bogus"),
+        lambda: native.ternary_gemm_i32(x.astype(np.int8)[:, ::2], packed, 3, 150),
+        lambda: native.quantize_activations(x[0]),
+        lambda: native.set_num_threads(0),
+    ]
+    for call in bad:
+        try:
+            call()
+        except (TypeError, ValueError):
+            pass
+        else:
+            raise AssertionError("bad input accepted")
+    print("SANITIZED-OK")
+    """
+)
+
+
+def build_sanitized() -> Path:
+    BUILD.mkdir(parents=True, exist_ok=True)
+    with open(BUILD / ".lock", "w") as lock:  # concurrent test runs share the build directory
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build()
+
+
+def _build() -> Path:
+    configure = [
+        "cmake", "-S", str(ROOT), "-B", str(BUILD), "-DBITNET158_SANITIZE=ON",
+        "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
+    ]  # fmt: skip
+    if not (BUILD / "CMakeCache.txt").exists():
+        subprocess.run(configure, check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        ["cmake", "--build", str(BUILD), "-j", "2"],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    (module,) = BUILD.glob("_native*.so")
+    return module
+
+
+def runtime_library(name: str) -> str:
+    cache = (BUILD / "CMakeCache.txt").read_text()
+    compiler = next(
+        line.split("=", 1)[1] for line in cache.splitlines()
+        if line.startswith("CMAKE_CXX_COMPILER:")
+    )  # fmt: skip
+    path = subprocess.run(
+        [compiler, f"-print-file-name={name}"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not os.path.isabs(path):
+        pytest.skip(f"{compiler} does not ship {name}")
+    return path
+
+
+def test_kernels_clean_under_asan_and_ubsan():
+    module = build_sanitized()
+    env = {
+        **os.environ,
+        # libstdc++ too: ASan resolves its __cxa_throw interceptor at start-up, before the
+        # extension would load libstdc++ (else the first C++ exception aborts in a CHECK).
+        "LD_PRELOAD": f"{runtime_library('libasan.so')}:{runtime_library('libstdc++.so')}",
+        "ASAN_OPTIONS": "detect_leaks=0",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+        "PYTHONMALLOC": "malloc",  # every buffer gets redzones
+        "OMP_NUM_THREADS": "2",
+    }
+    env.pop("BITNET158_ISA", None)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(module), str(ROOT / "src" / "bitnet158")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report[-4000:]
+    assert "SANITIZED-OK" in result.stdout
+    assert "AddressSanitizer" not in report and "runtime error" not in report, report[-4000:]
