@@ -1,0 +1,186 @@
+"""The library's front door: `bitnet158.load(path).generate(...)`, torch-free.
+
+model = bitnet158.load()                       # the shipped model
+print(model.generate("ROMEO:", max_new_tokens=64, seed=0))
+for delta in model.chat([{"role": "user", "content": "Hi"}], stream=True):
+    print(delta, end="")
+print(model.last_stats.tokens_per_second)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+
+from .config import ModelConfig
+from .engine.generate import GenerationStats, generate_tokens, stream_text
+from .engine.kernels import set_num_threads
+from .engine.model import EngineModel
+from .engine.sampling import check_params
+from .errors import FormatError, GenerationError
+from .formats.convert import read_checkpoint
+from .formats.native import NativeCheckpoint
+from .formats.tokenizer import IncrementalDecoder, Tokenizer
+
+# Tokens that end an assistant turn in the chat templates of the supported families.
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end_of_turn|>", "<|endoftext|>", "</s>")
+
+
+class Model:
+    """A loaded model: config, tokenizer, and generation on the native engine."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        engine: EngineModel,
+        tokenizer: Tokenizer,
+        path: Path,
+        max_context: int | None = None,
+    ) -> None:
+        self.config, self.engine, self.tokenizer, self.path = config, engine, tokenizer, path
+        self.max_context = max_context or config.max_position_embeddings
+        self.last_stats = GenerationStats()
+        self.eos_ids = set(config.eos_token_ids) | set(tokenizer.eos_token_ids)
+        vocab = tokenizer.get_vocab()
+        self.end_of_turn_ids = self.eos_ids | {vocab[t] for t in END_OF_TURN if t in vocab}
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.path)!r}, family={self.config.family!r})"
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise GenerationError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
+            )
+        return ids
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits float32[T, vocab] of every position of one sequence (fresh cache)."""
+        ids = self._check_ids(token_ids)
+        if not ids:
+            raise GenerationError("logits of an empty sequence")
+        if len(ids) > self.max_context:
+            raise GenerationError(
+                f"{len(ids)} tokens exceed the context length of {self.max_context}"
+            )
+        return self.engine.forward(np.asarray(ids), self.engine.new_cache(len(ids)))
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """Continue `prompt` (text, or token ids): the new text, or its deltas when stream=True.
+
+        Ends at an end-of-sequence token, before the first `stop` string, after
+        `max_new_tokens`, or when the context is full. Statistics land in `last_stats`.
+        """
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_bos=True)
+        else:
+            ids = self._check_ids(prompt)
+        return self._run(ids, self.eos_ids, max_new_tokens, temperature, top_k, top_p,
+                         repetition_penalty, seed, stop, stream)  # fmt: skip
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """The assistant's reply to `messages` (role/content dicts), via the chat template."""
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_bos=False)  # templates write their own BOS
+        return self._run(ids, self.end_of_turn_ids, max_new_tokens, temperature, top_k, top_p,
+                         repetition_penalty, seed, stop, stream)  # fmt: skip
+
+    def _run(
+        self, ids, stop_ids, max_new_tokens, temperature, top_k, top_p, penalty, seed, stop, stream
+    ) -> str | Iterator[str]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+        check_params(temperature, top_k, top_p, penalty)
+        if not ids:
+            raise GenerationError("empty prompt: give at least one token")
+        if len(ids) > self.max_context:
+            raise GenerationError(
+                f"the prompt has {len(ids)} tokens, more than the context length of "
+                f"{self.max_context} (load with a larger max_context or shorten the prompt)"
+            )
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        self.last_stats = stats = GenerationStats(prompt_tokens=len(ids))
+        tokens = generate_tokens(
+            self.engine,
+            self.engine.new_cache(self.max_context),
+            ids,
+            max_new_tokens,
+            np.random.default_rng(seed),
+            stop_ids=stop_ids,
+            stats=stats,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            penalty=penalty,
+        )
+        decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens=True)
+        for token in ids[-4:]:  # context, so that the first new token's leading space shows
+            decoder.push(token)
+        deltas = stream_text(tokens, decoder, stops, stats)
+        return deltas if stream else "".join(deltas)
+
+
+def _tokenizer(ckpt: NativeCheckpoint) -> Tokenizer:
+    """The checkpoint's tokenizer, with BOS/EOS taken from its config where it names them."""
+    try:
+        backend = tokenizers.Tokenizer.from_str(ckpt.tokenizer_json)
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        raise FormatError(
+            f"{ckpt.path}: the stored tokenizer.json cannot be loaded ({exc})"
+        ) from None
+    cfg = ckpt.config
+    bos = backend.id_to_token(cfg.bos_token_id) if cfg.bos_token_id is not None else None
+    eos = backend.id_to_token(cfg.eos_token_ids[0]) if cfg.eos_token_ids else None
+    return Tokenizer(
+        backend,
+        bos_token=bos,
+        eos_token=eos,
+        chat_template=ckpt.chat_template,
+        extra_eos_ids=cfg.eos_token_ids,
+    )
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    threads: int | None = None,
+    max_context: int | None = None,
+) -> Model:
+    """Load a model for generation: None / "shakespeare-b158" (the shipped model), one of our
+    `.safetensors` files (memory-mapped), or a Hugging Face checkpoint directory (packed on
+    the fly)."""
+    if max_context is not None and max_context < 1:
+        raise ValueError(f"max_context must be a positive integer, got {max_context}")
+    set_num_threads(threads)
+    ckpt = read_checkpoint(path)
+    tokenizer = _tokenizer(ckpt)
+    engine = EngineModel(ckpt.config, ckpt.tensors)
+    return Model(ckpt.config, engine, tokenizer, Path(ckpt.path), max_context)

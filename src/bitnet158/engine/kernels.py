@@ -1,0 +1,38 @@
+"""The engine's ternary linear layer: one call into `bitnet158._native` per projection.
+
+The numpy definition of the same operation is `quant.ternary_linear_reference`; the native
+kernel matches it bit for bit (tests/engine/test_engine_model.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _native
+
+
+def set_num_threads(threads: int | None) -> None:
+    """Threads used by the native kernels (None: the extension's default, all cores)."""
+    if threads is None:
+        return
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    _native.set_num_threads(threads)
+
+
+def isa() -> str:
+    """The instruction set the kernels run on (avx512, avx2 or scalar)."""
+    return _native.isa()
+
+
+class TernaryLinear:
+    """One projection y = x W^T with W ternary, packed in our layout, and its own beta."""
+
+    def __init__(self, packed: np.ndarray, beta: float, n: int, k: int) -> None:
+        self.packed = np.ascontiguousarray(packed, dtype=np.uint8)  # a memory-mapped view
+        self.beta, self.n, self.k = float(beta), n, k
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x float32[T, K] -> float32[T, N]: per-token int8 x, exact integer dot products."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return _native.bitlinear(x, self.packed, self.beta, self.n, self.k)
