@@ -9,11 +9,10 @@
 
 namespace bitnet158 {
 
-BITNET158_AVX2 static inline int32_t hsum_i32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(s);
+// The 4 horizontal sums of a, b, c, d as one int32x4.
+BITNET158_AVX2 static inline __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
 BITNET158_AVX2 float quantize_row_avx2(const float* x, int64_t k, int8_t* q) {
@@ -58,7 +57,7 @@ BITNET158_AVX2 static inline __m256i ld(const int8_t* a) {
 // row block are summed in int16 (|sum| <= 4096) and widened once with madd.
 template <int NT>
 BITNET158_AVX2 static inline void tile(const uint8_t* group, int64_t nblocks, const int8_t* x,
-                                       int64_t ldx, int32_t dots[kRows][kMaxTileTokens]) {
+                                       int64_t ldx, int32_t dots[kMaxTileTokens][kRows]) {
     __m256i acc[kRows][NT];
     for (int r = 0; r < kRows; ++r)
         for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_si256();
@@ -72,7 +71,7 @@ BITNET158_AVX2 static inline void tile(const uint8_t* group, int64_t nblocks, co
             __m256i s16[NT];
 #pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
-                const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * r + 32 * h));
+                const __m256i p = ld(reinterpret_cast<const int8_t*>(w + 64 * r + 32 * h));
                 const __m256i c0 = _mm256_and_si256(p, mask);
                 const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(p, 2), mask);
                 const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
@@ -92,8 +91,9 @@ BITNET158_AVX2 static inline void tile(const uint8_t* group, int64_t nblocks, co
                 acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(s16[t], ones));
         }
     }
-    for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < NT; ++t) dots[r][t] = hsum_i32(acc[r][t]);
+    for (int t = 0; t < NT; ++t)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[t]),
+                         hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
 }
 
 BITNET158_AVX2 void gemm_groups_avx2(const int8_t* x_q, const int32_t* x_sum, int64_t T,
@@ -101,7 +101,7 @@ BITNET158_AVX2 void gemm_groups_avx2(const int8_t* x_q, const int32_t* x_sum, in
                                      int64_t g1, const GemmOut& out) {
     constexpr int64_t kTile = 2;  // 4 rows x 2 tokens: 8 accumulators fit the 16 ymm registers
     const int64_t nblocks = kpad / kBlock;
-    int32_t dots[kRows][kMaxTileTokens];
+    int32_t dots[kMaxTileTokens][kRows];
     for (int64_t g = g0; g < g1; ++g) {
         const uint8_t* group = packed + g * kpad;
         for (int64_t t0 = 0; t0 < T; t0 += kTile) {
@@ -113,7 +113,7 @@ BITNET158_AVX2 void gemm_groups_avx2(const int8_t* x_q, const int32_t* x_sum, in
                 tile<2>(group, nblocks, x, kpad, dots);
             for (int r = 0; r < kRows && g * kRows + r < n; ++r)
                 for (int64_t t = 0; t < nt; ++t)
-                    out.store(t0 + t, g * kRows + r, dots[r][t] - x_sum[t0 + t]);
+                    out.store(t0 + t, g * kRows + r, dots[t][r] - x_sum[t0 + t]);
         }
     }
 }

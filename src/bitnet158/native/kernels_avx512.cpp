@@ -29,11 +29,22 @@ BITNET158_AVX512 float quantize_row_avx512(const float* x, int64_t k, int8_t* q)
     return s;
 }
 
+// The 4 horizontal sums of a, b, c, d as one int32x4: transposing adds, not 4 separate reductions.
+BITNET158_AVX512 static inline __m128i hsum4(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    const __m512i abcd =  // every 128-bit lane: partial sums of a, b, c, d
+        _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd),
+                                          _mm512_extracti64x4_epi64(abcd, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
 // 4 rows x NT tokens: every 64-byte weight load is unpacked once (4 planes of 64 k values) and
 // multiplied into NT activation rows with vpdpbusd (u8 codes x s8 activations -> int32).
 template <int NT>
 BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, const int8_t* x,
-                                         int64_t ldx, int32_t dots[kRows][kMaxTileTokens]) {
+                                         int64_t ldx, int32_t dots[kMaxTileTokens][kRows]) {
     __m512i acc[kRows][NT];
     for (int r = 0; r < kRows; ++r)
         for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_si512();
@@ -60,15 +71,16 @@ BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, 
             }
         }
     }
-    for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < NT; ++t) dots[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
+    for (int t = 0; t < NT; ++t)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[t]),
+                         hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
 }
 
 // Decode (one token): two accumulator chains per row so vpdpbusd latency never limits a
 // memory-bound stream.
 BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblocks,
                                               const int8_t* x,
-                                              int32_t dots[kRows][kMaxTileTokens]) {
+                                              int32_t dots[kMaxTileTokens][kRows]) {
     __m512i acc0[kRows], acc1[kRows];
     for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
     const __m512i mask = _mm512_set1_epi8(3);
@@ -89,15 +101,16 @@ BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblo
                                           _mm512_and_si512(_mm512_srli_epi16(p, 6), mask), x3);
         }
     }
-    for (int r = 0; r < kRows; ++r)
-        dots[r][0] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0[r], acc1[r]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[0]),
+                     hsum4(_mm512_add_epi32(acc0[0], acc1[0]), _mm512_add_epi32(acc0[1], acc1[1]),
+                           _mm512_add_epi32(acc0[2], acc1[2]), _mm512_add_epi32(acc0[3], acc1[3])));
 }
 
 BITNET158_AVX512 void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum, int64_t T,
                                          int64_t kpad, const uint8_t* packed, int64_t n,
                                          int64_t g0, int64_t g1, const GemmOut& out) {
     const int64_t nblocks = kpad / kBlock;
-    int32_t dots[kRows][kMaxTileTokens];
+    int32_t dots[kMaxTileTokens][kRows];
     for (int64_t g = g0; g < g1; ++g) {
         const uint8_t* group = packed + g * kpad;
         for (int64_t t0 = 0; t0 < T; t0 += kMaxTileTokens) {
@@ -111,7 +124,7 @@ BITNET158_AVX512 void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum
             }
             for (int r = 0; r < kRows && g * kRows + r < n; ++r)
                 for (int64_t t = 0; t < nt; ++t)
-                    out.store(t0 + t, g * kRows + r, dots[r][t] - x_sum[t0 + t]);
+                    out.store(t0 + t, g * kRows + r, dots[t][r] - x_sum[t0 + t]);
         }
     }
 }
