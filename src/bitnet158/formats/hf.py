@@ -331,6 +331,10 @@ def _olmo_config(cj: dict[str, Any], path: Path | str) -> dict[str, Any]:
             "not OLMo-Bitnet"
         )
     d, heads, layers = _require(cj, path, "d_model", "n_heads", "n_layers")
+    # the embedding (and the tied output) has embedding_size rows, padded past vocab_size
+    (vocab,) = _require(
+        {"vocab_size": cj.get("embedding_size") or cj.get("vocab_size")}, path, "vocab_size"
+    )
     unsupported = {
         "activation_type": ("swiglu", cj.get("activation_type", "swiglu")),
         "block_type": ("sequential", cj.get("block_type", "sequential")),
@@ -359,8 +363,7 @@ def _olmo_config(cj: dict[str, Any], path: Path | str) -> dict[str, Any]:
     mlp_hidden = cj.get("mlp_hidden_size") or cj.get("mlp_ratio", 4) * d
     eps = float(cj.get("layer_norm_eps") or 1e-5)
     return {
-        # the embedding (and the tied output) has embedding_size rows, padded past vocab_size
-        "vocab_size": int(cj.get("embedding_size") or cj.get("vocab_size")),
+        "vocab_size": vocab,
         "hidden_size": d,
         "intermediate_size": int(mlp_hidden) // 2,  # SwiGLU halves ff_proj's output
         "num_layers": layers,
@@ -477,17 +480,17 @@ class _Reader:
         n = sum(rows)
         expect = f"uint8 {[-(-n // 4), k]} (packed) or float {[n, k]}"
         stored, e = self._get(prefix + ".weight", expect)
-        if e.dtype == "U8" and e.shape == (-(-n // 4), k) and self.packed_ok:
+        if e.dtype == "U8" and e.shape == (-(-n // 4), k):  # transformers' packed layout
+            if not self.packed_ok:
+                raise FormatError(
+                    f"{e.file}: tensor {stored} is packed, but config.json has no BitNet "
+                    "quantization_config to say how its weight_scale applies"
+                )
             try:
                 codes = unpack_hf(self.ckpt.read(stored), n)
             except ValueError as exc:
                 raise FormatError(f"{e.file}: tensor {stored}: {exc}") from None
             return codes, self._stored_scale(prefix)
-        if e.dtype == "U8" and e.shape == (-(-n // 4), k):
-            raise FormatError(
-                f"{e.file}: tensor {stored} is packed, but config.json has no BitNet "
-                "quantization_config to say how its weight_scale applies"
-            )
         if e.dtype not in _FLOAT_DTYPES or e.shape != (n, k):
             raise self._bad_shape(e, stored, expect)
         w = np.asarray(self.ckpt.read(stored), dtype=np.float32)
