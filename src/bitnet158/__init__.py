@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Model", "__version__"]
+__all__ = ["load", "Model", "BitNet", "__version__"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,8 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name == "BitNet":  # the torch reference model: needs the `train` extra (torch)
+        from .nn.pretrained import BitNet
+
+        return BitNet
     raise AttributeError(f"module 'bitnet158' has no attribute {name!r}")
