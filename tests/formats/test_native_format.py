@@ -167,3 +167,20 @@ def test_garbage_files_raise_format_error(tmp_path, data, message):
 def test_missing_file(tmp_path):
     with pytest.raises(FormatError, match="no such file"):
         load_native(tmp_path / "nope.safetensors")
+
+
+def test_hf_directory_is_packed_on_the_fly(tmp_path, transformers_on_cpu):
+    from hf_builders import make_bitnet_packed
+    from tokenizers import Tokenizer, models
+
+    import bitnet158
+    from bitnet158.formats.convert import convert
+
+    directory, _ = make_bitnet_packed(tmp_path / "bitnet")
+    vocab = {f"w{i}": i for i in range(10)}
+    (directory / "tokenizer.json").write_text(Tokenizer(models.WordLevel(vocab, "w0")).to_str())
+    on_the_fly = bitnet158.load(directory)
+    assert on_the_fly.path == directory
+    converted = bitnet158.load(convert(directory, tmp_path / "m.safetensors")["path"])
+    ids = [1, 5, 2, 7, 3]
+    np.testing.assert_array_equal(on_the_fly.logits(ids), converted.logits(ids))
