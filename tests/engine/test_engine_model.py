@@ -91,3 +91,12 @@ def test_context_overflow_is_an_error(tiny_path):
     prefill(model.engine, engine_cache, [5, 6, 7, 8])
     with pytest.raises(GenerationError, match="context overflow"):
         decode_one(model.engine, engine_cache, 9)
+
+
+def test_long_prefill_attends_block_by_block(tiny_path, monkeypatch):
+    from bitnet158.engine import model as engine_model
+
+    model = bitnet158.load(tiny_path)
+    whole = model.logits(IDS)
+    monkeypatch.setattr(engine_model, "QUERY_BLOCK", 3)
+    np.testing.assert_allclose(model.logits(IDS), whole, rtol=0, atol=1e-5 * np.abs(whole).max())

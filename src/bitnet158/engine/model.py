@@ -12,9 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import GenerationError
 from ..formats.native import FLOAT_MATRICES, bf16_to_float32, projection_shapes
 from .kernels import TernaryLinear
 from .kv_cache import KVCache
+
+QUERY_BLOCK = 256  # queries per attention block in a long prefill
 
 
 def norm(x: np.ndarray, weight: np.ndarray | None, eps: float, kind: str = "rmsnorm") -> np.ndarray:
@@ -42,7 +45,8 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
     """Causal grouped-query attention.
 
     q float32[T, heads, D] for positions start..start+T-1; keys, values [S, kv_heads, D] with
-    S = start + T. Returns float32[T, heads * D].
+    S = start + T. Returns float32[T, heads * D]. Long prompts go QUERY_BLOCK queries at a
+    time, so the scores never exceed [heads, QUERY_BLOCK, S].
     """
     T, heads, D = q.shape
     S, kv_heads = keys.shape[0], keys.shape[1]
@@ -50,14 +54,17 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
     q = q.reshape(T, kv_heads, group, D).transpose(1, 2, 0, 3)  # [kvh, g, T, D]
     k = keys.transpose(1, 2, 0)[:, None]  # [kvh, 1, D, S]
     v = values.transpose(1, 0, 2)[:, None]  # [kvh, 1, S, D]
-    scores = (q @ k) * np.float32(1.0 / np.sqrt(D))  # [kvh, g, T, S]
-    if T > 1:
-        future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]
-        scores[..., future] = -np.inf
-    scores = np.exp(scores - scores.max(-1, keepdims=True))
-    probs = scores / scores.sum(-1, keepdims=True)
-    out = probs @ v  # [kvh, g, T, D]
-    return out.transpose(2, 0, 1, 3).reshape(T, heads * D)
+    out = np.empty((T, kv_heads, group, D), dtype=np.float32)
+    for t0 in range(0, T, QUERY_BLOCK):
+        t1 = min(T, t0 + QUERY_BLOCK)
+        scores = (q[:, :, t0:t1] @ k) * np.float32(1.0 / np.sqrt(D))  # [kvh, g, t, S]
+        if start + t0 + 1 < S:  # some key lies in the future of some query
+            future = np.arange(S)[None, :] > (start + np.arange(t0, t1))[:, None]
+            scores[..., future] = -np.inf
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        probs = scores / scores.sum(-1, keepdims=True)
+        out[t0:t1] = (probs @ v).transpose(2, 0, 1, 3)
+    return out.reshape(T, heads * D)
 
 
 @dataclass
@@ -161,6 +168,8 @@ class EngineModel:
     def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Run tokens int[T] after the `cache.length` cached ones; logits float32[T or 1, V]."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.size and not 0 <= tokens.min() <= tokens.max() < self.config.vocab_size:
+            raise GenerationError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         start = cache.reserve(len(tokens))
         positions = np.arange(start, start + len(tokens), dtype=np.float32)
         freqs = positions[:, None] * self.inv_freq[None, :]

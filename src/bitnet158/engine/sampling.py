@@ -17,13 +17,13 @@ def check_params(
     temperature: float, top_k: int | None, top_p: float | None, penalty: float
 ) -> None:
     """Raise GenerationError for settings that have no meaning."""
-    if not temperature >= 0:
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise GenerationError(f"top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
-    if not penalty > 0:
+    if not isinstance(penalty, (int, float)) or not penalty > 0:
         raise GenerationError(f"repetition_penalty must be > 0 (1 = none), got {penalty}")
 
 
