@@ -193,3 +193,33 @@ def test_env_var_rejects_unknown_isa():
     result = run_with_isa("sse9")
     assert result.returncode != 0
     assert "BITNET158_ISA=sse9" in result.stderr
+
+
+def test_threads_work_in_a_forked_child():
+    """fork() copies only the calling thread: the child must build its own workers, not hang."""
+    codes, packed = weights(4097, 2560)
+    x = activations(3, 2560)
+    _native.set_num_threads(2)
+    expected = _native.bitlinear(x, packed, 1.0, 4097, 2560)
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status only
+        ok = np.array_equal(_native.bitlinear(x, packed, 1.0, 4097, 2560), expected)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_concurrent_python_threads():
+    """The GIL is released during compute; concurrent calls share the pool safely."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    codes, packed = weights(4097, 2560)
+    inputs = [activations(t, 2560, seed=t) for t in (1, 2, 5, 8)]
+    expected = [quant.ternary_linear_reference(x, codes, 0.5) for x in inputs]
+    _native.set_num_threads(2)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(lambda x: _native.bitlinear(x, packed, 0.5, 4097, 2560), inputs * 5)
+        )
+    for got, want in zip(results, expected * 5, strict=True):
+        np.testing.assert_array_equal(got, want)

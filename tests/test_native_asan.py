@@ -60,6 +60,25 @@ SCRIPT = textwrap.dedent(
             nan = np.full((2, 33), np.nan, np.float32)
             assert (native.quantize_activations(nan, isa=isa)[0] == -128).all()
 
+    # concurrent callers share the pool
+    import threading
+    codes = rng.integers(-1, 2, size=(300, 700)).astype(np.int8)
+    packed = packing.pack_ours(codes)
+    x = rng.standard_normal((5, 700)).astype(np.float32)
+    want = quant.ternary_linear_reference(x, codes, 0.5)
+    errors = []
+    def hammer():
+        for _ in range(20):
+            if not np.array_equal(native.bitlinear(x, packed, 0.5, 300, 700), want):
+                errors.append(1)
+    native.set_num_threads(2)
+    callers = [threading.Thread(target=hammer) for _ in range(3)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    assert not errors
+
     packed = packing.pack_ours(np.zeros((3, 300), np.int8))
     x = np.zeros((2, 300), np.float32)
     bad = [

@@ -2,16 +2,12 @@
 #include "dispatch.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
 #include "kernels.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "threadpool.h"
 
 namespace bitnet158 {
 
@@ -34,39 +30,16 @@ const Kernels& kernels_for(Isa isa) {
     return scalar;
 }
 
-std::atomic<int> g_threads{0};  // 0: default
-
-// Work below this many weight bytes x tokens runs on one thread: waking the others costs more.
-constexpr int64_t kMinParallelWork = 1 << 16;
-// Activation rows of one GEMM pass are kept within this many bytes so they stay in L2 while
-// every thread streams its rows of weights once per pass.
+// A chunk of work handed to one thread streams at least this many weight bytes (about a
+// microsecond): smaller ones cost more in claiming than they gain in balance.
+constexpr int64_t kMinChunkBytes = 32 * 1024;
+// Activation rows of one pass over the weights stay within this many bytes, so they remain in
+// L2 while the weights stream through once per pass.
 constexpr int64_t kTokenChunkBytes = 256 * 1024;
+// Activation values one quantization chunk handles at least.
+constexpr int64_t kMinQuantizeChunk = 16 * 1024;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Run f(id, count) on `nth` threads (one OpenMP team), or inline when nth == 1.
-template <class F>
-void parallel(int nth, F&& f) {
-#ifdef _OPENMP
-    if (nth > 1) {
-#pragma omp parallel num_threads(nth)
-        f(omp_get_thread_num(), omp_get_num_threads());
-        return;
-    }
-#endif
-    f(0, 1);
-}
-
-void barrier() {
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-}
-
-int threads_for(int64_t units, int64_t work) {
-    if (work < kMinParallelWork) return 1;
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), units)));
-}
 
 int32_t row_sum(const int8_t* x, int64_t k) {
     int32_t s = 0;
@@ -74,15 +47,33 @@ int32_t row_sum(const int8_t* x, int64_t k) {
     return s;
 }
 
-// This thread's share [g0, g1) of the row groups, over all tokens in L2-sized chunks.
-void gemm_share(const Kernels& kern, int id, int count, const int8_t* x_q, const int32_t* x_sum,
-                int64_t T, int64_t kpad, const uint8_t* packed, int64_t n, const GemmOut& out) {
+// Quantize rows of x float32[T, k] into x_q (row stride ldq, tail left as is), in parallel.
+void quantize_rows(const Kernels& kern, const float* x, int64_t T, int64_t k, int8_t* x_q,
+                   int64_t ldq, float* s, int32_t* x_sum) {
+    const int64_t rows = std::max<int64_t>(1, kMinQuantizeChunk / std::max<int64_t>(k, 1));
+    parallel_for(cdiv(T, rows), [&](int64_t c) {
+        for (int64_t t = c * rows; t < std::min(T, (c + 1) * rows); ++t) {
+            s[t] = kern.quantize_row(x + t * k, k, x_q + t * ldq);
+            if (x_sum) x_sum[t] = row_sum(x_q + t * ldq, k);
+        }
+    });
+}
+
+// All dot products of x_q int8[T, kpad] with the packed rows, as chunks of (L2-sized block of
+// tokens) x (contiguous range of row groups) that the threads claim.
+void run_gemm(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum, int64_t T,
+              int64_t kpad, const uint8_t* packed, int64_t n, const GemmOut& out) {
+    if (T == 0) return;
     const int64_t groups = cdiv(n, kRows);
-    const int64_t g0 = groups * id / count, g1 = groups * (id + 1) / count;
-    const int64_t chunk =
-        std::max<int64_t>(kMaxTileTokens, std::min<int64_t>(64, kTokenChunkBytes / kpad) /
-                                              kMaxTileTokens * kMaxTileTokens);
-    for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t tokens = std::max<int64_t>(
+        kMaxTileTokens, std::min<int64_t>(64, kTokenChunkBytes / kpad) / kMaxTileTokens *
+                            kMaxTileTokens);
+    const int64_t token_chunks = cdiv(T, tokens);
+    const int64_t per_chunk = std::max(cdiv(kMinChunkBytes, kpad * std::min(T, tokens)),
+                                       cdiv(groups, 4 * int64_t(num_threads())));
+    const int64_t group_chunks = cdiv(groups, per_chunk);
+    parallel_for(token_chunks * group_chunks, [&](int64_t c) {
+        const int64_t t0 = c / group_chunks * tokens, g0 = c % group_chunks * per_chunk;
         GemmOut part = out;
         if (part.f32) {
             part.f32 += t0 * n;
@@ -90,9 +81,9 @@ void gemm_share(const Kernels& kern, int id, int count, const int8_t* x_q, const
         } else {
             part.i32 += t0 * n;
         }
-        kern.gemm_groups(x_q + t0 * kpad, x_sum + t0, std::min(chunk, T - t0), kpad, packed, n,
-                         g0, g1, part);
-    }
+        kern.gemm_groups(x_q + t0 * kpad, x_sum + t0, std::min(tokens, T - t0), kpad, packed, n,
+                         g0, std::min(groups, g0 + per_chunk), part);
+    });
 }
 
 }  // namespace
@@ -155,32 +146,12 @@ Isa active_isa() {
     return active;
 }
 
-void set_num_threads(int n) {
-    if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
-    g_threads = n;
-}
-
-int num_threads() {
-    const int n = g_threads.load();
-    if (n > 0) return n;
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 void quantize_activations(const float* x, int64_t T, int64_t k, int8_t* x_q, float* s, Isa isa) {
-    const Kernels& kern = kernels_for(isa);
-    parallel(threads_for(T, T * k), [&](int id, int count) {
-        for (int64_t t = T * id / count; t < T * (id + 1) / count; ++t)
-            s[t] = kern.quantize_row(x + t * k, k, x_q + t * k);
-    });
+    quantize_rows(kernels_for(isa), x, T, k, x_q, k, s, nullptr);
 }
 
 void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* packed, int64_t n,
                       int32_t* out, Isa isa) {
-    const Kernels& kern = kernels_for(isa);
     const int64_t kpad = cdiv(k, kBlock) * kBlock;
     // The packed rows are zero-weight padded to kpad: give the activations the same length.
     std::vector<int8_t> padded;
@@ -190,14 +161,11 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
         x_q = padded.data();
     }
     std::vector<int32_t> x_sum(static_cast<size_t>(T));
-    for (int64_t t = 0; t < T; ++t) x_sum[t] = row_sum(x_q + t * kpad, kpad);
+    for (int64_t t = 0; t < T; ++t) x_sum[t] = row_sum(x_q + t * kpad, k);
     GemmOut dst;
     dst.i32 = out;
     dst.n = n;
-    const int64_t groups = cdiv(n, kRows);
-    parallel(threads_for(groups, T * groups * kpad), [&](int id, int count) {
-        gemm_share(kern, id, count, x_q, x_sum.data(), T, kpad, packed, n, dst);
-    });
+    run_gemm(kernels_for(isa), x_q, x_sum.data(), T, kpad, packed, n, dst);
 }
 
 void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta,
@@ -207,20 +175,13 @@ void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, floa
     std::vector<int8_t> x_q(static_cast<size_t>(T * kpad), 0);
     std::vector<int32_t> x_sum(static_cast<size_t>(T));
     std::vector<float> s(static_cast<size_t>(T));
+    quantize_rows(kern, x, T, k, x_q.data(), kpad, s.data(), x_sum.data());
     GemmOut dst;
     dst.f32 = y;
     dst.s = s.data();
     dst.beta = beta;
     dst.n = n;
-    const int64_t groups = cdiv(n, kRows);
-    parallel(threads_for(groups, T * groups * kpad), [&](int id, int count) {
-        for (int64_t t = T * id / count; t < T * (id + 1) / count; ++t) {
-            s[t] = kern.quantize_row(x + t * k, k, &x_q[t * kpad]);
-            x_sum[t] = row_sum(&x_q[t * kpad], k);
-        }
-        barrier();  // every thread needs every quantized row
-        gemm_share(kern, id, count, x_q.data(), x_sum.data(), T, kpad, packed, n, dst);
-    });
+    run_gemm(kern, x_q.data(), x_sum.data(), T, kpad, packed, n, dst);
 }
 
 }  // namespace bitnet158

@@ -1,4 +1,5 @@
-// Run-time ISA choice and the threaded entry points over the per-ISA kernels (kernels.h).
+// Run-time ISA choice and the threaded entry points over the per-ISA kernels (kernels.h);
+// threads come from threadpool.h.
 // Shapes are checked by the callers (module.cpp); these functions trust their arguments.
 #pragma once
 
@@ -19,11 +20,6 @@ std::vector<Isa> supported_isas();
 // The ISA in use: BITNET158_ISA if set (std::runtime_error if this CPU lacks it), else the
 // best supported one. Read once.
 Isa active_isa();
-
-// Threads used by the kernels: set_num_threads(n >= 1); default: OpenMP's maximum (all cores
-// unless OMP_NUM_THREADS says otherwise), 1 without OpenMP.
-void set_num_threads(int n);
-int num_threads();
 
 // x float32[T, k] -> x_q int8[T, k], s float32[T] (quant.quantize_activations).
 void quantize_activations(const float* x, int64_t T, int64_t k, int8_t* x_q, float* s, Isa isa);

@@ -15,6 +15,7 @@
 
 #include "dispatch.h"
 #include "kernels.h"
+#include "threadpool.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -94,7 +95,7 @@ NB_MODULE(_native, m) {
         },
         "The instruction sets this CPU can run, from CPUID.");
     m.def("set_num_threads", &set_num_threads, "n"_a,
-          "Use n >= 1 threads in every kernel (default: all cores, or OMP_NUM_THREADS).");
+          "Use n >= 1 threads in every kernel (default: the CPUs this process may run on).");
     m.def("get_num_threads", &num_threads, "The number of threads the kernels use.");
 
     m.def(
