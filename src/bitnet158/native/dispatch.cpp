@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <stdexcept>
 
 #include "kernels.h"
@@ -40,6 +42,24 @@ constexpr int64_t kTokenChunkBytes = 256 * 1024;
 constexpr int64_t kMinQuantizeChunk = 16 * 1024;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Activation rows int8[T, kpad], zero-filled, 64-byte aligned so a row block is one cache line
+// per 64 values (the AVX-512 kernel loads them whole).
+struct PaddedRows {
+    PaddedRows(int64_t T, int64_t kpad) : data(alloc(T * kpad)) {}
+    static int8_t* alloc(int64_t size) {
+        const size_t bytes = static_cast<size_t>(std::max<int64_t>(64, (size + 63) / 64 * 64));
+        void* p = std::aligned_alloc(64, bytes);
+        if (!p) throw std::bad_alloc();
+        std::memset(p, 0, bytes);
+        return static_cast<int8_t*>(p);
+    }
+    struct Free {
+        void operator()(int8_t* p) const { std::free(p); }
+    };
+    std::unique_ptr<int8_t, Free> data;
+    int8_t* get() const { return data.get(); }
+};
 
 int32_t row_sum(const int8_t* x, int64_t k) {
     int32_t s = 0;
@@ -154,34 +174,32 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
                       int32_t* out, Isa isa) {
     const int64_t kpad = cdiv(k, kBlock) * kBlock;
     // The packed rows are zero-weight padded to kpad: give the activations the same length.
-    std::vector<int8_t> padded;
-    if (kpad != k) {
-        padded.assign(static_cast<size_t>(T * kpad), 0);
-        for (int64_t t = 0; t < T; ++t) std::memcpy(&padded[t * kpad], x_q + t * k, k);
-        x_q = padded.data();
-    }
+    PaddedRows x_pad(T, kpad);
     std::vector<int32_t> x_sum(static_cast<size_t>(T));
-    for (int64_t t = 0; t < T; ++t) x_sum[t] = row_sum(x_q + t * kpad, k);
+    for (int64_t t = 0; t < T; ++t) {
+        std::memcpy(x_pad.get() + t * kpad, x_q + t * k, static_cast<size_t>(k));
+        x_sum[t] = row_sum(x_q + t * k, k);
+    }
     GemmOut dst;
     dst.i32 = out;
     dst.n = n;
-    run_gemm(kernels_for(isa), x_q, x_sum.data(), T, kpad, packed, n, dst);
+    run_gemm(kernels_for(isa), x_pad.get(), x_sum.data(), T, kpad, packed, n, dst);
 }
 
 void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta,
                int64_t n, float* y, Isa isa) {
     const Kernels& kern = kernels_for(isa);
     const int64_t kpad = cdiv(k, kBlock) * kBlock;
-    std::vector<int8_t> x_q(static_cast<size_t>(T * kpad), 0);
+    PaddedRows x_q(T, kpad);
     std::vector<int32_t> x_sum(static_cast<size_t>(T));
     std::vector<float> s(static_cast<size_t>(T));
-    quantize_rows(kern, x, T, k, x_q.data(), kpad, s.data(), x_sum.data());
+    quantize_rows(kern, x, T, k, x_q.get(), kpad, s.data(), x_sum.data());
     GemmOut dst;
     dst.f32 = y;
     dst.s = s.data();
     dst.beta = beta;
     dst.n = n;
-    run_gemm(kern, x_q.data(), x_sum.data(), T, kpad, packed, n, dst);
+    run_gemm(kern, x_q.get(), x_sum.data(), T, kpad, packed, n, dst);
 }
 
 }  // namespace bitnet158

@@ -36,7 +36,8 @@ struct GemmOut {
 using QuantizeRowFn = float (*)(const float* x, int64_t k, int8_t* q);
 
 // Dot products of T activation rows with the rows of groups [g0, g1) of a packed matrix:
-//   x_q    int8[T, kpad], zero beyond k (so the zero-weight padding contributes nothing)
+//   x_q    int8[T, kpad], zero beyond k (so the zero-weight padding contributes nothing),
+//          64-byte aligned (not required, but the AVX-512 kernel is tuned for it)
 //   x_sum  int32[T], sum of each activation row (removes the +1 of the stored codes)
 //   packed uint8[ceil(n/4), kpad], our layout; rows >= n of the last group are not stored.
 // T is at most a few tens (dispatch splits tokens into chunks that stay in L2).
