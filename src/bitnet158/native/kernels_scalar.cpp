@@ -25,9 +25,14 @@ static int32_t row_dot_codes(const uint8_t* group, int64_t nblocks, int r, const
         const uint8_t* w = group + b * kBlock + 64 * r;
         const int8_t* xb = x + b * kBlock;
         for (int m = 0; m < 64; ++m) {
-            const int byte = w[m];
-            acc += (byte & 3) * xb[m] + ((byte >> 2) & 3) * xb[64 + m] +
-                   ((byte >> 4) & 3) * xb[128 + m] + (byte >> 6) * xb[192 + m];
+            // |code * x| <= 256: 16-bit products and sums (|sum| <= 1024) vectorize well
+            const uint8_t byte = w[m];
+            const int16_t sum = static_cast<int16_t>(
+                int16_t(byte & 3) * int16_t(xb[m]) +
+                int16_t((byte >> 2) & 3) * int16_t(xb[64 + m]) +
+                int16_t((byte >> 4) & 3) * int16_t(xb[128 + m]) +
+                int16_t(byte >> 6) * int16_t(xb[192 + m]));
+            acc += sum;
         }
     }
     return acc;
