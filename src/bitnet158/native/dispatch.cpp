@@ -43,8 +43,8 @@ constexpr int64_t kMinQuantizeChunk = 16 * 1024;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Activation rows int8[T, kpad], zero-filled, 64-byte aligned so a row block is one cache line
-// per 64 values (the AVX-512 kernel loads them whole).
+// Activation rows int8[T, kpad], zero-filled and 64-byte aligned: every 64-value plane the
+// AVX-512 kernel loads is exactly one cache line.
 struct PaddedRows {
     PaddedRows(int64_t T, int64_t kpad) : data(alloc(T * kpad)) {}
     static int8_t* alloc(int64_t size) {
