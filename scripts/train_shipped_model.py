@@ -16,11 +16,13 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bitnet158.config import ModelConfig
+from bitnet158.formats.native import save_native
 from bitnet158.nn.model import Transformer
 from bitnet158.train.data import load_tokens, token_dtype, tokenize_files
 from bitnet158.train.pretrain import TrainConfig, evaluate_loss, train
@@ -77,18 +79,47 @@ def train_tokenizer(files: list[Path], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def export_shipped(run_dir: Path) -> Path:
+    """Write the trained BitNet as our packed file inside the package (embeddings in fp16)."""
+    cfg = ModelConfig.from_json((run_dir / "config.json").read_text())
+    model = Transformer(cfg)
+    model.load_state_dict(load_file(str(run_dir / "bitnet.safetensors")))
+    tensors = model.to_tensors()
+    tensors["embed.weight"] = tensors["embed.weight"].astype(np.float16)
+    path = ROOT / "src" / "bitnet158" / "models" / f"{MODEL_NAME}.safetensors"
+    save_native(
+        path,
+        cfg,
+        tensors,
+        (run_dir / "tokenizer.json").read_text(encoding="utf-8"),
+        source="scripts/train_shipped_model.py",
+    )
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "shipped")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=4)
+    # A multiple of 256, so that every ternary matrix's rows fit GGUF's TQ1_0/TQ2_0 blocks.
+    ap.add_argument("--intermediate", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--which", choices=["both", "bitnet", "fp"], default="both")
+    ap.add_argument(
+        "--export-only",
+        action="store_true",
+        help="only write the packaged model file from an earlier run's bitnet.safetensors",
+    )
     args = ap.parse_args()
+    if args.export_only:
+        export_shipped(args.out)
+        return
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -120,7 +151,7 @@ def main() -> None:
     cfg = ModelConfig(
         vocab_size=tok.get_vocab_size(),
         hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 8 / 3 + 63) // 64 * 64,
+        intermediate_size=args.intermediate,
         num_layers=args.layers,
         num_heads=heads,
         num_kv_heads=heads,
@@ -172,6 +203,8 @@ def main() -> None:
         )
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
         print(f"== {name}: held-out perplexity {math.exp(val):.2f}")
+        if name == "bitnet":
+            export_shipped(args.out)
 
 
 if __name__ == "__main__":
