@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import BitNetError
+from .formats.convert import TARGETS
 
 SHIPPED = "shakespeare-b158"
 
@@ -129,12 +130,29 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .formats.convert import convert
 
-    summary = convert(args.src, args.dst, force=args.force)
+    def progress(layers):
+        return tqdm(layers, desc="layers", unit="layer", file=sys.stderr, leave=False)
+
+    summary = convert(
+        args.src,
+        args.dst,
+        force=args.force,
+        to=args.to,
+        embedding_type=args.embedding_type,
+        progress=None if args.quiet else progress,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
     print(
-        f"wrote {summary['path']}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB, "
-        f"{summary['ternary_bits_per_weight']:.2f} bits per ternary weight"
+        f"wrote {summary['path']} ({summary['from']} -> {summary['to']}): "
+        f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB, "
+        f"{summary['ternary_parameters']:,} ternary weights at "
+        f"{summary['ternary_bits_per_weight']:.2f} bits per weight"
     )
     return 0
 
@@ -180,12 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        help="convert a checkpoint to bitnet158's packed format",
-        description="Convert any supported checkpoint to bitnet158's packed .safetensors file.",
+        help="convert a checkpoint between bitnet158, GGUF and Hugging Face formats",
+        description=(
+            "Convert any supported model (our .safetensors file, a Hugging Face checkpoint "
+            "directory, a llama.cpp / bitnet.cpp GGUF file; the kind is detected) to another "
+            "format. The output is written under a temporary name and renamed when complete."
+        ),
     )
-    p.add_argument("src", help="a Hugging Face checkpoint directory or one of our files")
-    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("src", help="our .safetensors file, a Hugging Face directory or a .gguf file")
+    p.add_argument("dst", help="output file (.safetensors, .gguf) or directory (hf, hf-bf16)")
+    p.add_argument(
+        "--to",
+        choices=TARGETS,
+        default="bitnet158",
+        help="bitnet158: our packed file (default); gguf-tq2_0 / gguf-tq1_0: llama.cpp's "
+        "bitnet architecture; hf: transformers' packed BitNet; hf-bf16: bf16 weights for "
+        "fine-tuning",
+    )
+    p.add_argument(
+        "--embedding-type",
+        choices=("f16", "f32", "q8_0"),
+        default="f16",
+        help="GGUF token embedding type (default f16)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_convert)
     return parser
 

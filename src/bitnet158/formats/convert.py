@@ -1,24 +1,38 @@
-"""Any supported checkpoint in, our packed file out; and a description of any model file.
+"""Any supported checkpoint in, any supported format out; and a description of any model file.
 
 `read_checkpoint` is the one entry point that turns a path (our file, a Hugging Face
-checkpoint directory, or the shipped model's short name) into a `NativeCheckpoint`: packed
-ternary weights, config, tokenizer text and chat template. Loading, converting, describing
-and the torch `BitNet.from_pretrained` all start here.
+checkpoint directory, a GGUF file, or the shipped model's short name) into a
+`NativeCheckpoint`: packed ternary weights, config, tokenizer text and chat template. Loading,
+converting, describing and the torch `BitNet.from_pretrained` all start here. `convert`
+writes one to our file, a llama.cpp GGUF (TQ2_0 / TQ1_0) or a Hugging Face checkpoint
+(packed, or the bf16 form), always atomically.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FormatError
-from .native import NativeCheckpoint, load_native, pack_tensors, save_native
+from .native import (
+    NativeCheckpoint,
+    load_native,
+    pack_tensors,
+    projection_shapes,
+    save_native,
+    unpack_tensors,
+)
 
 SHIPPED_NAME = "shakespeare-b158"
 SHIPPED_PATH = Path(__file__).resolve().parent.parent / "models" / f"{SHIPPED_NAME}.safetensors"
+# `convert --to` targets: our file, llama.cpp GGUF, Hugging Face packed / bf16 latent
+TARGETS = ("bitnet158", "gguf-tq2_0", "gguf-tq1_0", "hf", "hf-bf16")
+
+Progress = Callable[[Iterable], Iterable]
 
 
 def resolve_path(path: str | os.PathLike | None) -> Path:
@@ -57,10 +71,28 @@ def _hf_tokenizer(directory: Path) -> tuple[str, str | None]:
     return tok_file.read_text(encoding="utf-8"), template
 
 
-def read_checkpoint(path: str | os.PathLike | None) -> NativeCheckpoint:
-    """Load any supported model as packed tensors (memory-mapped when it is our file)."""
+def source_kind(path: str | os.PathLike | None) -> str:
+    """What a model path holds: "bitnet158", "gguf" or "hf" (a checkpoint directory)."""
     p = resolve_path(path)
     if p.is_dir():
+        return "hf"
+    if p.suffix == ".gguf":
+        return "gguf"
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise FormatError(f"{p}: cannot read it ({exc.strerror or exc})") from None
+    return "gguf" if head == b"GGUF" else "bitnet158"
+
+
+def read_checkpoint(
+    path: str | os.PathLike | None, progress: Progress | None = None
+) -> NativeCheckpoint:
+    """Load any supported model as packed tensors (memory-mapped when it is our file)."""
+    p = resolve_path(path)
+    kind = source_kind(p)
+    if kind == "hf":
         from .hf import load_hf_checkpoint
 
         config, tensors = load_hf_checkpoint(p)
@@ -73,11 +105,10 @@ def read_checkpoint(path: str | os.PathLike | None) -> NativeCheckpoint:
             path=p,
             source=f"hf:{p.name}",
         )
-    if p.suffix == ".gguf":
-        raise FormatError(
-            f"{p}: GGUF input is not supported yet; convert it with llama.cpp's tools "
-            "to Hugging Face safetensors first"
-        )
+    if kind == "gguf":
+        from .gguf import load_gguf
+
+        return load_gguf(p, progress)
     if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
         raise FormatError(
             f"{p}: pickle-based checkpoints are never loaded; use safetensors or GGUF"
@@ -85,27 +116,87 @@ def read_checkpoint(path: str | os.PathLike | None) -> NativeCheckpoint:
     return load_native(p)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False) -> dict:
-    """Write `src` (any supported checkpoint) as our packed file `dst`; returns a summary."""
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    force: bool = False,
+    to: str = "bitnet158",
+    embedding_type: str = "f16",
+    progress: Progress | None = None,
+) -> dict:
+    """Write `src` (any supported checkpoint) as `dst` in format `to`; returns a summary.
+
+    `to` is one of TARGETS; `embedding_type` (f16, f32, q8_0) applies to GGUF output. The
+    output is written under a temporary name and renamed into place, so a failed conversion
+    leaves no partial file; an existing `dst` is replaced only with force=True.
+    """
+    if to not in TARGETS:
+        raise FormatError(f"unknown output format {to!r}; choose one of {', '.join(TARGETS)}")
     dst = Path(dst)
     if dst.exists() and not force:
         raise FormatError(f"{dst} exists; pass --force (force=True) to overwrite it")
-    ckpt = read_checkpoint(src)
-    save_native(
-        dst,
-        ckpt.config,
-        ckpt.tensors,
-        ckpt.tokenizer_json,
-        ckpt.chat_template,
-        source=ckpt.source or str(src),
-    )
-    summary = describe(dst)
+    src_path = resolve_path(src)
+    if dst.exists() and dst.resolve() == src_path.resolve():
+        raise FormatError(f"{dst} is the source itself; write to another path")
+    kind = source_kind(src_path)
+    ckpt = read_checkpoint(src_path, progress)
+    source = ckpt.source or str(src)
+    if to == "bitnet158":
+        save_native(dst, ckpt.config, ckpt.tensors, ckpt.tokenizer_json, ckpt.chat_template, source)
+    elif to.startswith("gguf-"):
+        from .gguf import write_gguf
+
+        canonical = unpack_tensors(ckpt.config, ckpt.tensors)
+        write_gguf(dst, ckpt, canonical, to.removeprefix("gguf-"), embedding_type, progress)
+    else:
+        from .hf_export import save_hf
+
+        canonical = unpack_tensors(ckpt.config, ckpt.tensors)
+        save_hf(dst, ckpt, canonical, latent=to == "hf-bf16", progress=progress)
+    return {"path": str(dst), "from": kind, "to": to, **output_summary(dst, ckpt, to)}
+
+
+def output_summary(dst: Path, ckpt: NativeCheckpoint, to: str) -> dict:
+    """Tensors, bytes and bits per ternary weight of a written file or directory."""
+    cfg = ckpt.config
+    ternary = cfg.num_layers * sum(n * k for n, k in projection_shapes(cfg).values())
+    if to.startswith("gguf-"):
+        from .gguf import read_gguf
+
+        f = read_gguf(dst)
+        names = list(f.tensors)
+        ternary_bytes = sum(
+            t.nbytes for t in f.tensors.values() if t.name.rsplit(".", 2)[-2] in _GGUF_PROJ
+        )
+        total = dst.stat().st_size
+    elif to.startswith("hf"):
+        from .native import _read_header
+
+        file = dst / "model.safetensors"
+        header, _ = _read_header(file, np.memmap(file, dtype=np.uint8, mode="r"))
+        names = [n for n in header if n != "__metadata__"]
+        ternary_bytes = sum(
+            int(np.diff(header[n]["data_offsets"])[0])
+            for n in names
+            if n.endswith(("_proj.weight", "_proj.weight_scale"))
+        )
+        total = sum(f.stat().st_size for f in dst.iterdir())
+    else:
+        native = load_native(dst)
+        names = list(native.tensors)
+        ternary_bytes = sum(
+            v.nbytes for n, v in native.tensors.items() if n.endswith((".packed", ".scale"))
+        )
+        total = dst.stat().st_size
     return {
-        "path": str(dst),
-        "tensors": summary["tensors"],
-        "bytes": summary["file_bytes"],
-        "ternary_bits_per_weight": summary["ternary_bits_per_weight"],
+        "tensors": len(names),
+        "bytes": total,
+        "ternary_parameters": ternary,
+        "ternary_bits_per_weight": round(8 * ternary_bytes / ternary, 3) if ternary else 0.0,
     }
+
+
+_GGUF_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def describe(path: str | os.PathLike | None) -> dict:
@@ -127,11 +218,14 @@ def describe(path: str | os.PathLike | None) -> dict:
     file_bytes = (
         sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else p.stat().st_size
     )
+    formats = {
+        "hf": "Hugging Face checkpoint (converted on load)",
+        "gguf": "GGUF (converted on load)",
+        "bitnet158": "bitnet158 packed",
+    }
     return {
         "path": str(p),
-        "format": "Hugging Face checkpoint (converted on load)"
-        if p.is_dir()
-        else "bitnet158 packed",
+        "format": formats[source_kind(p)],
         "source": ckpt.source or "",
         "family": cfg.family,
         "layers": cfg.num_layers,

@@ -1,0 +1,794 @@
+"""GGUF: llama.cpp `bitnet` files with TQ1_0 / TQ2_0 weights out; those and bitnet.cpp's I2_S in.
+
+Facts this module depends on (checked in the llama.cpp that llama-cpp-python 0.3.36 bundles,
+in gguf-py 0.19 and in microsoft/BitNet's converters):
+
+- llama.cpp's architecture `bitnet` (src/models/bitnet.cpp) is a Llama block with the two
+  sub-norms: `blk.N.attn_sub_norm` [n_embd] before `attn_output`, `blk.N.ffn_sub_norm` [n_ff]
+  before `ffn_down`. Its FFN is `ffn_down(silu(ffn_gate(x)) * ffn_up(x))`, SiLU hard-coded,
+  so it runs SwiGLU BitNets (1bitLLM, ours) exactly and ReLU² ones (2B4T) wrongly: we refuse
+  to write those. It has no `output` tensor (the logits use `token_embd`), RoPE type NEOX
+  (rotate-half, so q/k rows are stored as Hugging Face orders them), and optional F32 [1]
+  `blk.N.<proj>.scale` tensors that multiply a projection's output.
+- TQ1_0 / TQ2_0 (packing.py) hold blocks of 256 weights with an fp16 `d`; ggml's gguf loader
+  rejects a tensor whose row length K is not a multiple of the block size, and tensor shapes
+  are fixed by the architecture, so such a matrix cannot be padded: we refuse it.
+- bitnet.cpp's GGUFs of microsoft/bitnet-b1.58-2B-4T name the architecture `bitnet-b1.58`
+  (earlier `bitnet-25`), store the ternary projections as I2_S (ggml type 36: N*K/4 bytes
+  then a 32-byte tail whose first float is the tensor scale) and were trained with ReLU²:
+  we read them as relu2 whatever the fork's graph does (microsoft/BitNet #588).
+- Tensor shapes in GGUF list ne[0] (the row length) first: [K, N] for a [N, K] matrix.
+
+The reader is our own (no gguf package at run time): it bounds-checks every offset, so a
+truncated or corrupt file is a FormatError naming the file, never a crash. The writer uses
+gguf-py's GGUFWriter (`pip install bitnet158[gguf]`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ConfigError, FormatError
+from ..packing import (
+    QK_K,
+    pack_tq1_0,
+    pack_tq2_0,
+    unpack_i2_s,
+    unpack_tq1_0,
+    unpack_tq2_0,
+)
+from ..quant import EPS
+from .native import NativeCheckpoint, pack_tensors, projection_shapes
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+LLAMA_CPP_ARCH = "bitnet"  # llama.cpp: SiLU-gated FFN
+BITNET_CPP_ARCHS = ("bitnet-b1.58", "bitnet-25")  # bitnet.cpp's 2B-4T: ReLU²
+
+# GGUF tensor names of one layer's ternary projections (llama.cpp src/llama-arch.cpp).
+PROJ_NAMES = {
+    "q": "attn_q",
+    "k": "attn_k",
+    "v": "attn_v",
+    "o": "attn_output",
+    "gate": "ffn_gate",
+    "up": "ffn_up",
+    "down": "ffn_down",
+}
+NORM_NAMES = {
+    "attn_norm": "attn_norm",
+    "ffn_norm": "ffn_norm",
+    "attn_sub_norm": "attn_sub_norm",
+    "ffn_sub_norm": "ffn_sub_norm",
+}
+
+# ggml type id -> name, for messages; the ones we read have a size rule in _nbytes.
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+    30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 36: "I2_S (bitnet.cpp)", 39: "MXFP4",
+}  # fmt: skip
+F32, F16, Q8_0, BF16, TQ1_0, TQ2_0, I2_S = 0, 1, 8, 30, 34, 35, 36
+# type -> (values per block, bytes per block); I2_S has its own rule
+_BLOCKS = {
+    F32: (1, 4),
+    F16: (1, 2),
+    BF16: (1, 2),
+    Q8_0: (32, 34),
+    TQ1_0: (256, 54),
+    TQ2_0: (256, 66),
+}
+TERNARY_TYPES = {"tq1_0": TQ1_0, "tq2_0": TQ2_0}
+FILE_TYPES = {TQ1_0: 36, TQ2_0: 37}  # llama_ftype MOSTLY_TQ1_0 / MOSTLY_TQ2_0
+EMBEDDING_TYPES = ("f16", "f32", "q8_0")
+
+# GGUF metadata value types (gguf.h): id -> struct format of a scalar
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+_NUMPY_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}  # fmt: skip
+_STRING, _ARRAY = 8, 9
+
+# llama.cpp token types (llama-vocab.h)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = (
+    1, 2, 3, 4, 5, 6,
+)  # fmt: skip
+
+# Pre-tokenizer regexes of the byte-level BPE flavours we translate both ways. "gpt-2" is
+# tokenizers' ByteLevel(use_regex=True) itself; "llama-bpe" is Llama 3's Split regex (its
+# tokenizer.json), which llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3 implements.
+LLAMA3_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
+    "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+GPT2_PRES = ("gpt-2", "default")
+LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor's entry: numpy-order shape ([N, K] for a matrix), ggml type, byte span."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    begin: int  # absolute offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPE_NAMES.get(self.ggml_type, f"unknown type {self.ggml_type}")
+
+
+def _nbytes(ggml_type: int, ne: tuple[int, ...]) -> int | None:
+    """Bytes of a tensor of ggml type with dims ne (ne[0] = row length); None if unknown."""
+    count = math.prod(ne)
+    if ggml_type == I2_S:  # bitnet.cpp: 2 bits per weight, then the 32-byte scale tail
+        return count // 4 + 32
+    if ggml_type not in _BLOCKS:
+        return None
+    per, size = _BLOCKS[ggml_type]
+    if ne and ne[0] % per:
+        return -1
+    return count // per * size
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from a memory-mapped file."""
+
+    def __init__(self, path: Path, buf: np.ndarray) -> None:
+        self.path, self.buf, self.pos = path, buf, 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > self.buf.size:
+            raise FormatError(
+                f"{self.path}: truncated GGUF file: {what} at byte {self.pos} needs {n} bytes "
+                f"but the file has {self.buf.size}"
+            )
+        out = memoryview(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str, what: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", what)
+        try:
+            return bytes(self.take(n, what)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"{self.path}: {what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY and depth == 0:
+            etype, count = self.scalar("<I", what), self.scalar("<Q", what)
+            if etype in _NUMPY_SCALARS:  # numeric arrays (scores, token types) in one read
+                dtype = np.dtype(_NUMPY_SCALARS[etype])
+                if count > self.buf.size:
+                    raise FormatError(f"{self.path}: {what}: array of {count} items is too long")
+                return np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype).copy()
+            if count > self.buf.size:  # every item takes at least one byte
+                raise FormatError(f"{self.path}: {what}: array of {count} items is too long")
+            return [self.value(etype, what, depth + 1) for _ in range(count)]
+        raise FormatError(f"{self.path}: {what} has unknown GGUF value type {vtype}")
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file: metadata and tensor entries, the data memory-mapped."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
+    buf: np.ndarray
+
+    def raw(self, name: str) -> np.ndarray:
+        """The bytes of one tensor (a view into the file)."""
+        t = self.tensors[name]
+        return self.buf[t.begin : t.begin + t.nbytes]
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse and validate a GGUF file's header, metadata and tensor table."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise FormatError(f"{path}: the file is empty")
+        buf = np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    cur = _Cursor(path, buf)
+    if bytes(cur.take(4, "the magic number")) != MAGIC:
+        raise FormatError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+    version = cur.scalar("<I", "the version")
+    if version not in (2, 3):
+        raise FormatError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    n_tensors = cur.scalar("<Q", "the tensor count")
+    n_kv = cur.scalar("<Q", "the metadata count")
+    if n_tensors > buf.size or n_kv > buf.size:
+        raise FormatError(f"{path}: corrupt header ({n_tensors} tensors, {n_kv} metadata keys)")
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key {i}")
+        vtype = cur.scalar("<I", f"the type of {key}")
+        metadata[key] = cur.value(vtype, f"metadata {key}")
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise FormatError(f"{path}: general.alignment {alignment!r} is not a power of two")
+    entries = []
+    for i in range(n_tensors):
+        name = cur.string(f"the name of tensor {i}")
+        n_dims = cur.scalar("<I", f"tensor {name}")
+        if not 1 <= n_dims <= 4:
+            raise FormatError(f"{path}: tensor {name} has {n_dims} dimensions (1 to 4)")
+        ne = tuple(cur.scalar("<Q", f"tensor {name}") for _ in range(n_dims))
+        ggml_type = cur.scalar("<I", f"tensor {name}")
+        offset = cur.scalar("<Q", f"tensor {name}")
+        entries.append((name, ne, ggml_type, offset))
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors: dict[str, GGUFTensor] = {}
+    for name, ne, ggml_type, offset in entries:
+        nbytes = _nbytes(ggml_type, ne)
+        kind = GGML_TYPE_NAMES.get(ggml_type, f"unknown type {ggml_type}")
+        if nbytes is None:
+            raise FormatError(
+                f"{path}: tensor {name} has GGML type {ggml_type} ({kind}), which bitnet158 "
+                "does not read (it reads F32, F16, BF16, Q8_0, TQ1_0, TQ2_0 and I2_S)"
+            )
+        if nbytes < 0:
+            raise FormatError(
+                f"{path}: tensor {name} ({kind}) has rows of {ne[0]} values, not a whole "
+                "number of blocks"
+            )
+        begin = data_start + offset
+        if offset % alignment or begin + nbytes > buf.size:
+            raise FormatError(
+                f"{path}: tensor {name} ({kind}, {list(ne)}) spans bytes {begin}..{begin + nbytes}"
+                f" but the file has {buf.size} bytes (truncated or corrupt file)"
+                if begin + nbytes > buf.size
+                else f"{path}: tensor {name} offset {offset} is not aligned to {alignment}"
+            )
+        if name in tensors:
+            raise FormatError(f"{path}: tensor {name} appears twice")
+        tensors[name] = GGUFTensor(name, tuple(reversed(ne)), ggml_type, begin, nbytes)
+    return GGUFFile(path, version, metadata, tensors, buf)
+
+
+# --- tensors -> canonical ------------------------------------------------------------------------
+
+
+def _floats(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
+    """A float tensor as float32 (F32/F16/BF16 zero-copy views widened, Q8_0 dequantized)."""
+    raw = f.raw(t.name)
+    if t.ggml_type == F32:
+        return raw.view("<f4").reshape(t.shape)
+    if t.ggml_type == F16:
+        return raw.view("<f2").reshape(t.shape).astype(np.float32)
+    if t.ggml_type == BF16:
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+    if t.ggml_type == Q8_0:
+        blocks = np.asarray(raw).reshape(-1, 34)
+        d = blocks[:, :2].copy().view("<f2").astype(np.float32)
+        q = blocks[:, 2:].view(np.int8).astype(np.float32)
+        return (q * d).reshape(t.shape)
+    raise FormatError(f"{f.path}: tensor {t.name} is {t.type_name}, expected a float tensor")
+
+
+def _embedding(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
+    """embed / lm_head in a dtype our file keeps: F16 and BF16 as they are, others float32."""
+    if t.ggml_type == F16:
+        return f.raw(t.name).view("<f2").reshape(t.shape)
+    if t.ggml_type == BF16:
+        return f.raw(t.name).view("<u2").reshape(t.shape)
+    return _floats(f, t)
+
+
+def _ternary(f: GGUFFile, t: GGUFTensor) -> tuple[np.ndarray, np.float32]:
+    """Codes int8[N, K] and beta of one projection, whatever its type."""
+    n, k = t.shape
+    where = f"{f.path}: tensor {t.name} ({t.type_name})"
+    try:
+        if t.ggml_type == I2_S:
+            codes, beta = unpack_i2_s(f.raw(t.name), n, k)
+            return codes, np.float32(beta)
+        if t.ggml_type in (TQ1_0, TQ2_0):
+            unpack = unpack_tq1_0 if t.ggml_type == TQ1_0 else unpack_tq2_0
+            codes, d = unpack(f.raw(t.name), n, k)
+            return codes, _common_scale(d, codes, where)
+    except ValueError as exc:
+        raise FormatError(f"{where}: {exc}") from None
+    w = _floats(f, t)  # F32/F16/BF16/Q8_0: a dequantized ternary matrix {-a, 0, a}
+    a = np.float32(np.abs(w).max()) if w.size else np.float32(0)
+    if not np.all((w == 0) | (np.abs(w) == a)):
+        raise FormatError(
+            f"{where}: holds {np.unique(np.abs(w)).size} distinct magnitudes, so it is not a "
+            "ternary matrix {-a, 0, a}; bitnet158 reads BitNet b1.58 models only"
+        )
+    return np.sign(w).astype(np.int8), (a if a > 0 else np.float32(EPS))
+
+
+def _common_scale(d: np.ndarray, codes: np.ndarray, where: str) -> np.float32:
+    """The one scale of a TQ matrix: every block holding a nonzero weight has the same d."""
+    nonzero = np.any(codes.reshape(d.shape[0], d.shape[1], QK_K) != 0, axis=-1)
+    used = np.unique(d[nonzero])
+    if used.size == 0:
+        return np.float32(EPS)
+    if used.size > 1 or not np.isfinite(used[0]) or used[0] <= 0:
+        raise FormatError(
+            f"{where}: its blocks use {used.size} different scales ({used[:3].tolist()}...); "
+            "bitnet158 needs one positive scale per matrix (absmean ternary weights)"
+        )
+    return np.float32(used[0])
+
+
+def _meta(f: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """Metadata value `key` of the given Python type (or `default` when absent)."""
+    value = f.metadata.get(key, default)
+    if value is ...:
+        raise FormatError(f"{f.path}: metadata {key} is missing")
+    if isinstance(value, np.generic):
+        value = value.item()
+    wrong = not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)))  # fmt: skip
+    if value is not None and value is not default and wrong:
+        raise FormatError(f"{f.path}: metadata {key} = {value!r} has the wrong type")
+    return value
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _config(f: GGUFFile, arch: str) -> ModelConfig:
+    p = arch + "."
+    hidden = _meta(f, p + "embedding_length", int)
+    heads = _meta(f, p + "attention.head_count", int)
+    head_dim = _meta(f, p + "attention.key_length", int, None) or hidden // max(heads, 1)
+    rot = _meta(f, p + "rope.dimension_count", int, head_dim)
+    if rot != head_dim:
+        raise FormatError(f"{f.path}: partial RoPE ({rot} of {head_dim} dims) is not supported")
+    scaling = _meta(f, p + "rope.scaling.type", str, "none")
+    factor = _meta(f, p + "rope.scaling.factor", (int, float), 1.0)
+    if scaling not in ("none", "linear") or float(factor) != 1.0:
+        raise FormatError(f"{f.path}: RoPE scaling {scaling} x{factor} is not supported")
+    embd = f.tensors.get("token_embd.weight")
+    if embd is None:
+        raise FormatError(f"{f.path}: tensor token_embd.weight is missing")
+    vocab = _meta(f, p + "vocab_size", int, None) or embd.shape[0]
+    eos = [
+        v
+        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+        if isinstance(v := _meta(f, key, int, None), int)
+    ]
+    relu2 = arch in BITNET_CPP_ARCHS
+    try:
+        return ModelConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=_meta(f, p + "feed_forward_length", int),
+            num_layers=_meta(f, p + "block_count", int),
+            num_heads=heads,
+            num_kv_heads=_meta(f, p + "attention.head_count_kv", int, heads),
+            head_dim=head_dim,
+            family="bitnet-2b4t" if relu2 else "llama-b158",
+            hidden_act="relu2" if relu2 else "silu",
+            subln=True,
+            rms_norm_eps=_f32(_meta(f, p + "attention.layer_norm_rms_epsilon", (int, float))),
+            rope_theta=_f32(_meta(f, p + "rope.freq_base", (int, float), 10000.0)),
+            max_position_embeddings=_meta(f, p + "context_length", int, 2048),
+            tie_word_embeddings="output.weight" not in f.tensors,
+            bos_token_id=_meta(f, "tokenizer.ggml.bos_token_id", int, None),
+            eos_token_ids=list(dict.fromkeys(eos)),
+            pad_token_id=_meta(f, "tokenizer.ggml.padding_token_id", int, None),
+        )
+    except ConfigError as exc:
+        raise FormatError(f"{f.path}: {exc}") from None
+
+
+def _expect(f: GGUFFile, name: str, shape: tuple[int, ...]) -> GGUFTensor:
+    t = f.tensors.get(name)
+    if t is None:
+        raise FormatError(f"{f.path}: tensor {name} is missing")
+    if t.shape != shape:
+        raise FormatError(
+            f"{f.path}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} "
+            "for the model the metadata describes"
+        )
+    return t
+
+
+def gguf_tensors(
+    f: GGUFFile, cfg: ModelConfig, progress: Callable[[Iterable], Iterable] | None = None
+) -> dict[str, np.ndarray]:
+    """The canonical tensors (`.codes` / `.scale`) of a bitnet GGUF file."""
+    H, V = cfg.hidden_size, cfg.vocab_size
+    out: dict[str, np.ndarray] = {
+        "embed.weight": _embedding(f, _expect(f, "token_embd.weight", (V, H))),
+        "norm.weight": _floats(f, _expect(f, "output_norm.weight", (H,))),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = _embedding(f, _expect(f, "output.weight", (V, H)))
+    norm_shapes = {
+        "attn_norm": (H,),
+        "ffn_norm": (H,),
+        "attn_sub_norm": (cfg.q_size,),
+        "ffn_sub_norm": (cfg.intermediate_size,),
+    }
+    layers = range(cfg.num_layers)
+    for i in progress(layers) if progress else layers:
+        for ours, theirs in NORM_NAMES.items():
+            t = _expect(f, f"blk.{i}.{theirs}.weight", norm_shapes[ours])
+            out[f"layers.{i}.{ours}.weight"] = _floats(f, t)
+        for proj, (n, k) in projection_shapes(cfg).items():
+            t = _expect(f, f"blk.{i}.{PROJ_NAMES[proj]}.weight", (n, k))
+            codes, beta = _ternary(f, t)
+            scale = f.tensors.get(f"blk.{i}.{PROJ_NAMES[proj]}.scale")
+            if scale is not None:  # llama.cpp's optional per-projection output multiplier
+                s = _floats(f, scale).reshape(-1)
+                if s.size != 1 or not np.isfinite(s[0]) or s[0] <= 0:
+                    raise FormatError(f"{f.path}: tensor {scale.name} is not one positive scale")
+                beta = np.float32(beta * s[0])
+            out[f"layers.{i}.{proj}.codes"] = codes
+            out[f"layers.{i}.{proj}.scale"] = np.asarray(beta, dtype=np.float32)
+    known = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
+    for name in f.tensors:
+        parts = name.split(".")
+        if name in known or (
+            len(parts) == 4
+            and parts[0] == "blk"
+            and parts[2] in {*PROJ_NAMES.values(), *NORM_NAMES.values()}
+            and parts[3] in ("weight", "scale")
+        ):
+            continue
+        raise FormatError(f"{f.path}: unexpected tensor {name} for a BitNet model")
+    return out
+
+
+def load_gguf(
+    path: str | os.PathLike, progress: Callable[[Iterable], Iterable] | None = None
+) -> NativeCheckpoint:
+    """A bitnet GGUF file (llama.cpp `bitnet`, bitnet.cpp `bitnet-b1.58`) as our checkpoint."""
+    f = read_gguf(path)
+    arch = f.metadata.get("general.architecture")
+    if arch not in (LLAMA_CPP_ARCH, *BITNET_CPP_ARCHS):
+        raise FormatError(
+            f"{f.path}: GGUF architecture {arch!r} is not a BitNet one; bitnet158 reads "
+            f"'{LLAMA_CPP_ARCH}' (llama.cpp) and {', '.join(map(repr, BITNET_CPP_ARCHS))} "
+            "(bitnet.cpp)"
+        )
+    cfg = _config(f, arch)
+    tensors = gguf_tensors(f, cfg, progress)
+    tokenizer_json = tokenizer_json_from_gguf(f)
+    template = f.metadata.get("tokenizer.chat_template")
+    return NativeCheckpoint(
+        config=cfg,
+        tensors=pack_tensors(cfg, tensors),
+        tokenizer_json=tokenizer_json,
+        chat_template=template if isinstance(template, str) else None,
+        path=f.path,
+        source=f"gguf:{f.path.name}",
+    )
+
+
+# --- tokenizer: GGUF metadata <-> tokenizer.json ------------------------------------------------
+
+
+def _byte_level(use_regex: bool) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}  # fmt: skip
+
+
+def _pre_tokenizer_json(pre: str, where: str) -> dict:
+    if pre in GPT2_PRES:
+        return _byte_level(True)
+    if pre in LLAMA3_PRES:
+        split = {
+            "type": "Split",
+            "pattern": {"Regex": LLAMA3_REGEX},
+            "behavior": "Isolated",
+            "invert": False,
+        }
+        return {"type": "Sequence", "pretokenizers": [split, _byte_level(False)]}
+    raise FormatError(
+        f"{where}: GGUF pre-tokenizer {pre!r} is not supported (bitnet158 rebuilds "
+        f"{', '.join(GPT2_PRES + LLAMA3_PRES)})"
+    )
+
+
+def tokenizer_json_from_gguf(f: GGUFFile) -> str:
+    """A tokenizers `tokenizer.json` rebuilt from `tokenizer.ggml.*` (byte-level BPE models)."""
+    model = f.metadata.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise FormatError(
+            f"{f.path}: GGUF tokenizer model {model!r} is not supported (bitnet158 rebuilds "
+            "byte-level BPE tokenizers, tokenizer.ggml.model = 'gpt2')"
+        )
+    tokens = f.metadata.get("tokenizer.ggml.tokens")
+    merges = f.metadata.get("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not isinstance(merges, list):
+        raise FormatError(f"{f.path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+    types = f.metadata.get("tokenizer.ggml.token_type")
+    types = np.full(len(tokens), TOKEN_NORMAL) if types is None else np.asarray(types)
+    if types.shape != (len(tokens),):
+        raise FormatError(f"{f.path}: tokenizer.ggml.token_type does not match the tokens")
+    pre = f.metadata.get("tokenizer.ggml.pre", "default")
+    vocab: dict[str, int] = {}
+    added = []
+    for i, (tok, kind) in enumerate(zip(tokens, types.tolist(), strict=True)):
+        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
+            added.append(
+                {
+                    "id": i,
+                    "content": tok,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": kind == TOKEN_USER_DEFINED,
+                    "special": kind == TOKEN_CONTROL,
+                }
+            )
+        if kind != TOKEN_UNUSED:
+            vocab.setdefault(tok, i)
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep or a not in vocab or b not in vocab:
+            raise FormatError(f"{f.path}: tokenizer merge {m!r} does not join two tokens")
+        pairs.append([a, b])
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": _pre_tokenizer_json(pre, str(f.path)),
+        "post_processor": None,
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },  # fmt: skip
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": pre in LLAMA3_PRES,  # as llama.cpp and Llama 3's tokenizer.json
+            "vocab": vocab,
+            "merges": pairs,
+        },
+    }
+    text = json.dumps(spec, ensure_ascii=False)
+    try:
+        import tokenizers
+
+        tokenizers.Tokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises bare Exceptions
+        raise FormatError(f"{f.path}: the GGUF tokenizer cannot be rebuilt ({exc})") from None
+    return text
+
+
+@dataclass
+class GGUFVocab:
+    """What `tokenizer.ggml.*` needs, taken from a tokenizer.json."""
+
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+
+
+def vocab_from_tokenizer_json(text: str, vocab_size: int) -> GGUFVocab:
+    """Byte-level BPE tokenizer.json -> GGUF vocabulary (llama.cpp model 'gpt2')."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"tokenizer.json is not valid JSON ({exc})") from None
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise FormatError(
+            "only byte-level BPE tokenizers can be written to GGUF by bitnet158 (this one is "
+            f"{model.get('type')!r}{' with byte fallback' if model.get('byte_fallback') else ''})"
+        )
+    if spec.get("normalizer"):
+        raise FormatError("a tokenizer with a normalizer cannot be written as a GGUF 'gpt2' vocab")
+    pre = _pre_name(spec.get("pre_tokenizer"))
+    tokens: list[str | None] = [None] * vocab_size
+    for tok, i in model.get("vocab", {}).items():
+        if 0 <= i < vocab_size:
+            tokens[i] = tok
+    types = [TOKEN_NORMAL] * vocab_size
+    for t in spec.get("added_tokens") or []:
+        i = t["id"]
+        if 0 <= i < vocab_size:
+            tokens[i] = t["content"]
+            types[i] = TOKEN_CONTROL if t.get("special") else TOKEN_USER_DEFINED
+    for i, tok in enumerate(tokens):
+        if tok is None:  # ids the embedding has but the tokenizer never produces
+            tokens[i], types[i] = f"[PAD{i}]", TOKEN_UNUSED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return GGUFVocab(pre, tokens, types, merges)  # type: ignore[arg-type]
+
+
+def _pre_name(pre: dict | None) -> str:
+    """llama.cpp's pre-tokenizer name of a tokenizer.json pre_tokenizer, or FormatError."""
+    pre = pre or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        if pre.get("add_prefix_space"):
+            raise FormatError("ByteLevel with add_prefix_space has no llama.cpp pre-tokenizer")
+        return "gpt-2"
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if (
+        parts
+        and len(parts) == 2
+        and parts[0].get("type") == "Split"
+        and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_REGEX
+        and parts[1].get("type") == "ByteLevel"
+        and not parts[1].get("use_regex", True)
+    ):
+        return "llama-bpe"
+    raise FormatError(
+        f"tokenizer pre-tokenizer {json.dumps(pre)[:120]} has no llama.cpp equivalent that "
+        "bitnet158 knows (GPT-2 ByteLevel or Llama 3's Split + ByteLevel)"
+    )
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def check_exportable(cfg: ModelConfig, ternary_type: str = "tq2_0") -> None:
+    """Raise FormatError unless llama.cpp's `bitnet` graph computes exactly this model."""
+    problems = []
+    if cfg.hidden_act != "silu":
+        problems.append(
+            f"its FFN uses {cfg.hidden_act} but llama.cpp's bitnet graph gates with SiLU "
+            "(src/models/bitnet.cpp), so the file would silently compute a different model; "
+            "ReLU² BitNets (2B-4T) run in bitnet158 itself or in bitnet.cpp (I2_S)"
+        )
+    if not cfg.subln:
+        problems.append("it has no sub-norms, which llama.cpp's bitnet architecture requires")
+    if cfg.inner_norm or cfg.norm_kind != "rmsnorm" or not cfg.norm_affine:
+        problems.append("its norms are not affine RMSNorms (OLMo-Bitnet's are not)")
+    if not cfg.tie_word_embeddings:
+        problems.append("its lm_head is not tied to the embedding (llama.cpp uses token_embd)")
+    if cfg.q_size != cfg.hidden_size:
+        problems.append("heads * head_dim differs from hidden_size")
+    for proj, (_, k) in projection_shapes(cfg).items():
+        if k % QK_K:
+            problems.append(
+                f"projection {proj} has K = {k} columns, not a multiple of {QK_K}: "
+                f"{ternary_type.upper()} stores blocks of {QK_K} and llama.cpp rejects other "
+                "row lengths (the tensor shape is fixed, so it cannot be padded)"
+            )
+    if problems:
+        raise FormatError("cannot write a llama.cpp bitnet GGUF: " + "; ".join(problems))
+
+
+def write_gguf(
+    path: str | os.PathLike,
+    ckpt: NativeCheckpoint,
+    tensors: dict[str, np.ndarray],
+    ternary_type: str = "tq2_0",
+    embedding_type: str = "f16",
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> Path:
+    """Write canonical tensors of `ckpt` as a llama.cpp `bitnet` GGUF file, atomically."""
+    try:
+        import gguf
+    except ImportError:
+        raise FormatError(
+            "writing GGUF needs the gguf package: pip install 'bitnet158[gguf]'"
+        ) from None
+    if ternary_type not in TERNARY_TYPES:
+        raise FormatError(f"unknown ternary type {ternary_type!r} (one of {list(TERNARY_TYPES)})")
+    if embedding_type not in EMBEDDING_TYPES:
+        raise FormatError(f"unknown embedding type {embedding_type!r} (one of {EMBEDDING_TYPES})")
+    cfg = ckpt.config
+    check_exportable(cfg, ternary_type)
+    if embedding_type == "q8_0" and cfg.hidden_size % 32:
+        raise FormatError(f"Q8_0 embeddings need hidden_size % 32 == 0, got {cfg.hidden_size}")
+    vocab = vocab_from_tokenizer_json(ckpt.tokenizer_json, cfg.vocab_size)
+    qtype = TERNARY_TYPES[ternary_type]
+    pack = pack_tq1_0 if qtype == TQ1_0 else pack_tq2_0
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, LLAMA_CPP_ARCH)
+        _write_metadata(w, gguf, cfg, ckpt, vocab, FILE_TYPES[qtype])
+
+        embed = np.asarray(tensors["embed.weight"])
+        if embed.dtype == np.uint16:  # BF16 bits
+            embed = (embed.astype(np.uint32) << 16).view(np.float32)
+        embed = np.asarray(embed, dtype=np.float32)
+        if embedding_type == "f16":
+            w.add_tensor("token_embd.weight", embed.astype(np.float16))
+        elif embedding_type == "f32":
+            w.add_tensor("token_embd.weight", embed)
+        else:
+            q = gguf.quants.quantize(embed, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor("token_embd.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor("output_norm.weight", np.asarray(tensors["norm.weight"], dtype=np.float32))
+        layers = range(cfg.num_layers)
+        for i in progress(layers) if progress else layers:
+            for ours, theirs in NORM_NAMES.items():
+                value = np.asarray(tensors[f"layers.{i}.{ours}.weight"], dtype=np.float32)
+                w.add_tensor(f"blk.{i}.{theirs}.weight", value)
+            for proj, theirs in PROJ_NAMES.items():
+                codes = np.asarray(tensors[f"layers.{i}.{proj}.codes"])
+                beta = np.float32(np.asarray(tensors[f"layers.{i}.{proj}.scale"]).reshape(-1)[0])
+                try:
+                    data = pack(codes, beta)  # every nonzero block's d = fp16(beta)
+                except ValueError as exc:
+                    raise FormatError(f"layers.{i}.{proj}: {exc}") from None
+                w.add_tensor(f"blk.{i}.{theirs}.weight", data, raw_dtype=gguf.GGMLQuantizationType(qtype))  # fmt: skip
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_metadata(w, gguf, cfg: ModelConfig, ckpt: NativeCheckpoint, vocab: GGUFVocab, file_type: int) -> None:  # fmt: skip
+    """The keys llama.cpp's bitnet loader and vocabulary read (names as gguf-py writes them)."""
+    name = Path(str(ckpt.path)).stem if ckpt.path else "bitnet158"
+    w.add_name(name)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    w.add_token_merges(vocab.merges)
+    if cfg.bos_token_id is not None:
+        w.add_bos_token_id(cfg.bos_token_id)
+    w.add_add_bos_token(cfg.bos_token_id is not None)
+    w.add_add_eos_token(False)
+    if cfg.eos_token_ids:
+        w.add_eos_token_id(cfg.eos_token_ids[0])
+    eot = vocab.tokens.index("<|eot_id|>") if "<|eot_id|>" in vocab.tokens else None
+    if eot is not None:
+        w.add_eot_token_id(eot)
+    if cfg.pad_token_id is not None:
+        w.add_pad_token_id(cfg.pad_token_id)
+    if ckpt.chat_template:
+        w.add_chat_template(ckpt.chat_template)
