@@ -99,13 +99,14 @@ def random_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     H = cfg.hidden_size
     t = {
         "embed.weight": (rng.standard_normal((cfg.vocab_size, H)) * 0.5).astype(np.float32),
-        "norm.weight": (1 + 0.2 * rng.standard_normal(H)).astype(np.float32),
     }
+    if cfg.norm_affine:
+        t["norm.weight"] = (1 + 0.2 * rng.standard_normal(H)).astype(np.float32)
     if not cfg.tie_word_embeddings:
         t["lm_head.weight"] = (rng.standard_normal((cfg.vocab_size, H)) * 0.5).astype(np.float32)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
-        sizes = {"attn_norm": H, "ffn_norm": H}
+        sizes = {"attn_norm": H, "ffn_norm": H} if cfg.norm_affine else {}
         if cfg.subln:
             sizes |= {"attn_sub_norm": cfg.q_size, "ffn_sub_norm": cfg.intermediate_size}
         for norm, n in sizes.items():

@@ -176,21 +176,22 @@ def hf_tensors(
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict[str, tuple[str, np.ndarray]]:
     """transformers-named tensors (dtype name, array) of canonical tensors."""
-    embed = np.asarray(tensors["embed.weight"])
-    float_dtype = "BF16" if latent else {np.uint16: "BF16", np.float16: "F16"}.get(embed.dtype.type, "F32")  # fmt: skip
-
     def matrix(x: np.ndarray) -> tuple[str, np.ndarray]:
-        if float_dtype == "BF16":
-            return "BF16", x if x.dtype == np.uint16 else _bf16_bits(_as_float32(x))
-        return float_dtype, x.astype(np.float16 if float_dtype == "F16" else np.float32)
+        """embed / lm_head: kept in their own dtype (BF16 for the bf16 form)."""
+        x = np.asarray(x)
+        if x.dtype == np.uint16:
+            return "BF16", x
+        if latent:
+            return "BF16", _bf16_bits(x.astype(np.float32))
+        return ("F16", x) if x.dtype == np.float16 else ("F32", x.astype(np.float32))
 
     def vector(x: np.ndarray) -> tuple[str, np.ndarray]:
         x = _as_float32(x)
         return ("BF16", _bf16_bits(x)) if latent else ("F32", x)
 
-    out = {HF_NAMES["embed.weight"]: matrix(embed)}
+    out = {HF_NAMES["embed.weight"]: matrix(tensors["embed.weight"])}
     if "lm_head.weight" in tensors:
-        out[HF_NAMES["lm_head.weight"]] = matrix(np.asarray(tensors["lm_head.weight"]))
+        out[HF_NAMES["lm_head.weight"]] = matrix(tensors["lm_head.weight"])
     out[HF_NAMES["norm.weight"]] = vector(tensors["norm.weight"])
     layers = range(cfg.num_layers)
     for i in progress(layers) if progress else layers:
