@@ -568,3 +568,23 @@ def test_read_gguf_reports_tensors(good_gguf, model):
     assert f.version == 3
     assert f.tensors["blk.0.ffn_down.weight"].shape == (cfg.hidden_size, cfg.intermediate_size)
     assert f.tensors["blk.0.ffn_down.weight"].type_name == "TQ2_0"
+
+
+def test_reading_gguf_needs_no_torch(good_gguf):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'gguf'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from bitnet158.formats.convert import read_checkpoint\n"
+        "read_checkpoint(sys.argv[1])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(good_gguf)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError
+from ..packing import pack_ours
 from .native import (
     NativeCheckpoint,
     load_native,
@@ -99,7 +100,7 @@ def read_checkpoint(
         tokenizer_json, template = _hf_tokenizer(p)
         return NativeCheckpoint(
             config=config,
-            tensors=pack_tensors(config, tensors),
+            tensors=pack_tensors(config, _pack_layers(config, tensors, progress)),
             tokenizer_json=tokenizer_json,
             chat_template=template,
             path=p,
@@ -114,6 +115,17 @@ def read_checkpoint(
             f"{p}: pickle-based checkpoints are never loaded; use safetensors or GGUF"
         )
     return load_native(p)
+
+
+def _pack_layers(config, tensors: dict, progress: Progress | None) -> dict:
+    """Canonical tensors with every layer's `.codes` packed into our layout, layer by layer."""
+    if progress is None:
+        return tensors
+    out = dict(tensors)
+    for i in progress(range(config.num_layers)):
+        for name in [n for n in out if n.startswith(f"layers.{i}.") and n.endswith(".codes")]:
+            out[name.removesuffix(".codes") + ".packed"] = pack_ours(out.pop(name))
+    return out
 
 
 def convert(
