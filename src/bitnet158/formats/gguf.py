@@ -724,14 +724,14 @@ def write_gguf(
         embed = np.asarray(tensors["embed.weight"])
         if embed.dtype == np.uint16:  # BF16 bits
             embed = (embed.astype(np.uint32) << 16).view(np.float32)
-        embed = np.asarray(embed, dtype=np.float32)
-        if embedding_type == "f16":
-            w.add_tensor("token_embd.weight", embed.astype(np.float16))
-        elif embedding_type == "f32":
-            w.add_tensor("token_embd.weight", embed)
-        else:
-            q = gguf.quants.quantize(embed, gguf.GGMLQuantizationType.Q8_0)
+        if embedding_type == "q8_0":
+            q = gguf.quants.quantize(embed.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor("token_embd.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:  # an F16 source embedding is written as it is, without a float32 copy
+            w.add_tensor(
+                "token_embd.weight",
+                embed.astype({"f16": np.float16, "f32": np.float32}[embedding_type], copy=False),
+            )
         w.add_tensor("output_norm.weight", np.asarray(tensors["norm.weight"], dtype=np.float32))
         layers = range(cfg.num_layers)
         for i in progress(layers) if progress else layers:
