@@ -19,6 +19,7 @@ import tokenizers
 from .config import ModelConfig
 from .engine.generate import GenerationStats, generate_tokens, stream_text
 from .engine.kernels import set_num_threads
+from .engine.kv_cache import KV_DTYPES
 from .engine.model import EngineModel
 from .engine.sampling import check_params
 from .errors import FormatError, GenerationError
@@ -40,9 +41,11 @@ class Model:
         tokenizer: Tokenizer,
         path: Path,
         max_context: int | None = None,
+        kv_cache_dtype: str = "float32",
     ) -> None:
         self.config, self.engine, self.tokenizer, self.path = config, engine, tokenizer, path
         self.max_context = max_context or config.max_position_embeddings
+        self.kv_cache_dtype = kv_cache_dtype
         self.last_stats = GenerationStats()
         self.eos_ids = set(config.eos_token_ids) | set(tokenizer.eos_token_ids)
         vocab = tokenizer.get_vocab()
@@ -69,7 +72,9 @@ class Model:
             raise GenerationError(
                 f"{len(ids)} tokens exceed the context length of {self.max_context}"
             )
-        return self.engine.forward(np.asarray(ids), self.engine.new_cache(len(ids)))
+        return self.engine.forward(
+            np.asarray(ids), self.engine.new_cache(len(ids), self.kv_cache_dtype)
+        )
 
     def generate(
         self,
@@ -130,7 +135,7 @@ class Model:
         self.last_stats = stats = GenerationStats(prompt_tokens=len(ids))
         tokens = generate_tokens(
             self.engine,
-            self.engine.new_cache(self.max_context),
+            self.engine.new_cache(self.max_context, self.kv_cache_dtype),
             ids,
             max_new_tokens,
             np.random.default_rng(seed),
@@ -173,14 +178,22 @@ def load(
     *,
     threads: int | None = None,
     max_context: int | None = None,
+    lm_head: str = "exact",
+    kv_cache_dtype: str = "float32",
 ) -> Model:
     """Load a model for generation: None / "shakespeare-b158" (the shipped model), one of our
     `.safetensors` files (memory-mapped), or a Hugging Face checkpoint directory (packed on
-    the fly)."""
+    the fly).
+
+    `lm_head`: "exact" (the stored F32/F16/BF16 output layer) or "int8" (a per-row int8 copy,
+    faster decode); `kv_cache_dtype`: "float32" or "float16" (half the cache memory).
+    """
     if max_context is not None and max_context < 1:
         raise ValueError(f"max_context must be a positive integer, got {max_context}")
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_DTYPES}, got {kv_cache_dtype!r}")
     set_num_threads(threads)
     ckpt = read_checkpoint(path)
     tokenizer = _tokenizer(ckpt)
-    engine = EngineModel(ckpt.config, ckpt.tensors)
-    return Model(ckpt.config, engine, tokenizer, Path(ckpt.path), max_context)
+    engine = EngineModel(ckpt.config, ckpt.tensors, lm_head=lm_head)
+    return Model(ckpt.config, engine, tokenizer, Path(ckpt.path), max_context, kv_cache_dtype)

@@ -93,10 +93,10 @@ def test_context_overflow_is_an_error(tiny_path):
         decode_one(model.engine, engine_cache, 9)
 
 
-def test_long_prefill_attends_block_by_block(tiny_path, monkeypatch):
+def test_long_prefill_runs_in_chunks(tiny_path, monkeypatch):
     from bitnet158.engine import model as engine_model
 
     model = bitnet158.load(tiny_path)
     whole = model.logits(IDS)
-    monkeypatch.setattr(engine_model, "QUERY_BLOCK", 3)
+    monkeypatch.setattr(engine_model, "PREFILL_CHUNK", 3)
     np.testing.assert_allclose(model.logits(IDS), whole, rtol=0, atol=1e-5 * np.abs(whole).max())

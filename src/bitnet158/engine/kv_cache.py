@@ -1,42 +1,92 @@
-"""A preallocated key/value cache bounded by the context length."""
+"""A preallocated key/value cache bounded by the context length, with slots for batching."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from ..errors import GenerationError
 
+KV_DTYPES = ("float32", "float16")
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """A zero-filled C-contiguous array whose data starts on an `align`-byte boundary.
+
+    The pages come from calloc: untouched parts of a large cache cost no memory.
+    """
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(size + align, dtype=np.uint8)
+    offset = -raw.ctypes.data % align
+    return raw[offset : offset + size].view(dtype).reshape(shape)
+
 
 class KVCache:
-    """Keys and values float32[layers, max_context, kv_heads, head_dim]; `length` tokens filled."""
+    """Keys and values [slots, layers, kv_heads, max_context, head_dim], float32 or float16.
 
-    def __init__(self, num_layers: int, max_context: int, num_kv_heads: int, head_dim: int) -> None:
-        shape = (num_layers, max_context, num_kv_heads, head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)  # zero pages cost nothing until written
-        self.v = np.zeros(shape, dtype=np.float32)
-        self.length = 0
+    Each slot holds one sequence; `lengths[slot]` of its positions are filled. `length` is
+    slot 0's, for the common one-sequence case.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        max_context: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: str = "float32",
+        slots: int = 1,
+    ) -> None:
+        if str(np.dtype(dtype)) not in KV_DTYPES:
+            raise GenerationError(f"KV cache dtype must be one of {KV_DTYPES}, got {dtype!r}")
+        if max_context < 1 or slots < 1:
+            raise GenerationError("a KV cache needs max_context >= 1 and slots >= 1")
+        shape = (slots, num_layers, num_kv_heads, max_context, head_dim)
+        self.k = aligned_zeros(shape, dtype)
+        self.v = aligned_zeros(shape, dtype)
+        self.lengths = np.zeros(slots, dtype=np.int64)
 
     @property
     def max_context(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[3]
 
-    def reserve(self, count: int) -> int:
-        """Check that `count` more tokens fit and return the position of the first one."""
-        if self.length + count > self.max_context:
+    @property
+    def slots(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.k.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths[0])
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.lengths[0] = value
+
+    def reserve(self, count: int, slot: int = 0) -> int:
+        """Check that `count` more tokens fit in `slot` and return the position of the first one."""
+        if not 0 <= slot < self.slots:
+            raise GenerationError(f"cache slot {slot} does not exist (the cache has {self.slots})")
+        length = int(self.lengths[slot])
+        if length + count > self.max_context:
             raise GenerationError(
-                f"context overflow: {self.length} cached + {count} new tokens exceed the "
+                f"context overflow: {length} cached + {count} new tokens exceed the "
                 f"context length of {self.max_context} tokens (raise max_context or shorten the prompt)"
             )
-        return self.length
+        return length
 
-    def update(
-        self, layer: int, start: int, k: np.ndarray, v: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Store k, v float32[T, kv_heads, head_dim] at `start`; return keys, values [start+T, ...]."""
-        end = start + k.shape[0]
-        self.k[layer, start:end] = k
-        self.v[layer, start:end] = v
-        return self.k[layer, :end], self.v[layer, :end]
-
-    def reset(self) -> None:
-        self.length = 0
+    def reset(self, slot: int | None = None) -> None:
+        """Forget every slot's tokens, or one slot's (the memory is reused, not cleared)."""
+        if slot is None:
+            self.lengths[:] = 0
+        else:
+            self.lengths[slot] = 0

@@ -15,23 +15,6 @@ namespace bitnet158 {
 
 namespace {
 
-struct Kernels {
-    QuantizeRowFn quantize_row;
-    GemmGroupsFn gemm_groups;
-};
-
-const Kernels& kernels_for(Isa isa) {
-    static const Kernels scalar{quantize_row_scalar, gemm_groups_scalar};
-#if defined(BITNET158_X86)
-    static const Kernels avx2{quantize_row_avx2, gemm_groups_avx2};
-    static const Kernels avx512{quantize_row_avx512, gemm_groups_avx512};
-    if (isa == Isa::avx512) return avx512;
-    if (isa == Isa::avx2) return avx2;
-#endif
-    (void)isa;
-    return scalar;
-}
-
 // A chunk of work handed to one thread streams at least this many weight bytes (about a
 // microsecond): smaller ones cost more in claiming than they gain in balance.
 constexpr int64_t kMinChunkBytes = 32 * 1024;
@@ -40,26 +23,6 @@ constexpr int64_t kMinChunkBytes = 32 * 1024;
 constexpr int64_t kTokenChunkBytes = 256 * 1024;
 // Activation values one quantization chunk handles at least.
 constexpr int64_t kMinQuantizeChunk = 16 * 1024;
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Activation rows int8[T, kpad], zero-filled and 64-byte aligned: every 64-value plane the
-// AVX-512 kernel loads is exactly one cache line.
-struct PaddedRows {
-    PaddedRows(int64_t T, int64_t kpad) : data(alloc(T * kpad)) {}
-    static int8_t* alloc(int64_t size) {
-        const size_t bytes = static_cast<size_t>(std::max<int64_t>(64, (size + 63) / 64 * 64));
-        void* p = std::aligned_alloc(64, bytes);
-        if (!p) throw std::bad_alloc();
-        std::memset(p, 0, bytes);
-        return static_cast<int8_t*>(p);
-    }
-    struct Free {
-        void operator()(int8_t* p) const { std::free(p); }
-    };
-    std::unique_ptr<int8_t, Free> data;
-    int8_t* get() const { return data.get(); }
-};
 
 int32_t row_sum(const int8_t* x, int64_t k) {
     int32_t s = 0;
@@ -79,34 +42,61 @@ void quantize_rows(const Kernels& kern, const float* x, int64_t T, int64_t k, in
     });
 }
 
-// All dot products of x_q int8[T, kpad] with the packed rows, as chunks of (L2-sized block of
-// tokens) x (contiguous range of row groups) that the threads claim.
-void run_gemm(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum, int64_t T,
-              int64_t kpad, const uint8_t* packed, int64_t n, const GemmOut& out) {
-    if (T == 0) return;
-    const int64_t groups = cdiv(n, kRows);
+// One chunk of a GEMM job: a block of tokens x a contiguous range of row groups of one task.
+struct GemmChunk {
+    int32_t task;
+    int64_t t0, g0, g1;
+};
+
+}  // namespace
+
+const Kernels& kernels_for(Isa isa) {
+    static const Kernels scalar{quantize_row_scalar, gemm_groups_scalar, attend_scalar,
+                                float_rows_scalar, int8_rows_scalar};
+#if defined(BITNET158_X86)
+    static const Kernels avx2{quantize_row_avx2, gemm_groups_avx2, attend_avx2, float_rows_avx2,
+                              int8_rows_avx2};
+    static const Kernels avx512{quantize_row_avx512, gemm_groups_avx512, attend_avx512,
+                                float_rows_avx512, int8_rows_avx512};
+    if (isa == Isa::avx512) return avx512;
+    if (isa == Isa::avx2) return avx2;
+#endif
+    (void)isa;
+    return scalar;
+}
+
+void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum, int64_t T,
+                    int64_t kpad, const GemmTask* tasks, int64_t ntasks) {
+    if (T == 0 || ntasks == 0) return;
     const int64_t tokens = std::max<int64_t>(
         kMaxTileTokens, std::min<int64_t>(64, kTokenChunkBytes / kpad) / kMaxTileTokens *
                             kMaxTileTokens);
-    const int64_t token_chunks = cdiv(T, tokens);
+    int64_t groups = 0;
+    for (int64_t i = 0; i < ntasks; ++i) groups += cdiv(tasks[i].n, kRows);
+    // Chunks small enough for 4 per thread (dynamic balance), large enough to be worth a claim.
     const int64_t per_chunk = std::max(cdiv(kMinChunkBytes, kpad * std::min(T, tokens)),
                                        cdiv(groups, 4 * int64_t(num_threads())));
-    const int64_t group_chunks = cdiv(groups, per_chunk);
-    parallel_for(token_chunks * group_chunks, [&](int64_t c) {
-        const int64_t t0 = c / group_chunks * tokens, g0 = c % group_chunks * per_chunk;
-        GemmOut part = out;
-        if (part.f32) {
-            part.f32 += t0 * n;
-            part.s += t0;
-        } else {
-            part.i32 += t0 * n;
+    std::vector<GemmChunk> chunks;
+    for (int64_t t0 = 0; t0 < T; t0 += tokens)
+        for (int64_t i = 0; i < ntasks; ++i) {
+            const int64_t g_end = cdiv(tasks[i].n, kRows);
+            for (int64_t g0 = 0; g0 < g_end; g0 += per_chunk)
+                chunks.push_back({int32_t(i), t0, g0, std::min(g_end, g0 + per_chunk)});
         }
-        kern.gemm_groups(x_q + t0 * kpad, x_sum + t0, std::min(tokens, T - t0), kpad, packed, n,
-                         g0, std::min(groups, g0 + per_chunk), part);
+    parallel_for(int64_t(chunks.size()), [&](int64_t c) {
+        const GemmChunk& ch = chunks[size_t(c)];
+        const GemmTask& task = tasks[ch.task];
+        GemmOut part = task.out;
+        if (part.f32) {
+            part.f32 += ch.t0 * part.n;
+            part.s += ch.t0;
+        } else {
+            part.i32 += ch.t0 * part.n;
+        }
+        kern.gemm_groups(x_q + ch.t0 * kpad, x_sum + ch.t0, std::min(tokens, T - ch.t0), kpad,
+                         task.packed, task.n, ch.g0, ch.g1, part);
     });
 }
-
-}  // namespace
 
 const char* isa_name(Isa isa) {
     switch (isa) {
@@ -128,7 +118,8 @@ bool isa_supported(Isa isa) {
 #if defined(BITNET158_X86)
     __builtin_cpu_init();
     if (isa == Isa::avx2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
     if (isa == Isa::avx512)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -174,7 +165,7 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
                       int32_t* out, Isa isa) {
     const int64_t kpad = cdiv(k, kBlock) * kBlock;
     // The packed rows are zero-weight padded to kpad: give the activations the same length.
-    PaddedRows x_pad(T, kpad);
+    AlignedArray<int8_t> x_pad(T * kpad);
     std::vector<int32_t> x_sum(static_cast<size_t>(T));
     for (int64_t t = 0; t < T; ++t) {
         std::memcpy(x_pad.get() + t * kpad, x_q + t * k, static_cast<size_t>(k));
@@ -183,14 +174,15 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
     GemmOut dst;
     dst.i32 = out;
     dst.n = n;
-    run_gemm(kernels_for(isa), x_pad.get(), x_sum.data(), T, kpad, packed, n, dst);
+    const GemmTask task{packed, n, dst};
+    run_gemm_tasks(kernels_for(isa), x_pad.get(), x_sum.data(), T, kpad, &task, 1);
 }
 
 void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta,
                int64_t n, float* y, Isa isa) {
     const Kernels& kern = kernels_for(isa);
     const int64_t kpad = cdiv(k, kBlock) * kBlock;
-    PaddedRows x_q(T, kpad);
+    AlignedArray<int8_t> x_q(T * kpad);
     std::vector<int32_t> x_sum(static_cast<size_t>(T));
     std::vector<float> s(static_cast<size_t>(T));
     quantize_rows(kern, x, T, k, x_q.get(), kpad, s.data(), x_sum.data());
@@ -199,7 +191,8 @@ void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, floa
     dst.s = s.data();
     dst.beta = beta;
     dst.n = n;
-    run_gemm(kern, x_q.get(), x_sum.data(), T, kpad, packed, n, dst);
+    const GemmTask task{packed, n, dst};
+    run_gemm_tasks(kern, x_q.get(), x_sum.data(), T, kpad, &task, 1);
 }
 
 }  // namespace bitnet158

@@ -3,9 +3,15 @@
 // Shapes are checked by the callers (module.cpp); these functions trust their arguments.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <string>
 #include <vector>
+
+#include "kernels.h"
 
 namespace bitnet158 {
 
@@ -14,12 +20,56 @@ enum class Isa { scalar, avx2, avx512 };
 const char* isa_name(Isa isa);
 // Parse "scalar" | "avx2" | "avx512"; throws std::invalid_argument for any other name.
 Isa parse_isa(const std::string& name);
-// Does this CPU run kernels of this ISA (CPUID: AVX2+FMA; AVX-512 F/BW/VL/VNNI)?
+// Does this CPU run kernels of this ISA (CPUID: AVX2+FMA+F16C; AVX-512 F/BW/VL/VNNI)?
 bool isa_supported(Isa isa);
 std::vector<Isa> supported_isas();
 // The ISA in use: BITNET158_ISA if set (std::runtime_error if this CPU lacks it), else the
 // best supported one. Read once.
 Isa active_isa();
+
+// The kernels of one ISA (kernels.h).
+struct Kernels {
+    QuantizeRowFn quantize_row;
+    GemmGroupsFn gemm_groups;
+    AttendFn attend;
+    FloatRowsFn float_rows;
+    Int8RowsFn int8_rows;
+};
+const Kernels& kernels_for(Isa isa);
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+
+// A zero-filled, 64-byte aligned array of n elements (every 64-value plane the AVX-512 GEMM
+// loads is one cache line).
+template <class T>
+struct AlignedArray {
+    explicit AlignedArray(int64_t n) {
+        const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(T)), 64));
+        void* p = std::aligned_alloc(64, bytes);
+        if (!p) throw std::bad_alloc();
+        __builtin_memset(p, 0, bytes);
+        data.reset(static_cast<T*>(p));
+    }
+    struct Free {
+        void operator()(T* p) const { std::free(p); }
+    };
+    std::unique_ptr<T, Free> data;
+    T* get() const { return data.get(); }
+};
+
+// One matrix of a (possibly fused) GEMM: packed W [n, kpad] and where its results go.
+struct GemmTask {
+    const uint8_t* packed;
+    int64_t n;
+    GemmOut out;
+};
+
+// All dot products of x_q int8[T, kpad] (64-byte aligned, zero beyond k; x_sum its row sums)
+// with every task's matrix, as one job of the thread pool: the fused q/k/v or gate/up
+// projections share one quantized input and one wait.
+void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum, int64_t T,
+                    int64_t kpad, const GemmTask* tasks, int64_t ntasks);
 
 // x float32[T, k] -> x_q int8[T, k], s float32[T] (quant.quantize_activations).
 void quantize_activations(const float* x, int64_t T, int64_t k, int8_t* x_q, float* s, Isa isa);

@@ -14,21 +14,49 @@ constexpr float kEps = 1e-5f;    // floor of max|x|, as quant.EPS
 constexpr int kMaxTileTokens = 4;  // tokens one GEMM tile reuses each weight block for
 
 // Where a GEMM writes its results: int32 dot products, or the dequantized float
-// y = float(dot) / s[t] * beta (bitlinear's epilogue, in exactly that order).
+// y = float(dot) / s[t] * beta (bitlinear's epilogue, in exactly that order), stored or added
+// to what is there (a residual connection: x + bitlinear(h)).
 struct GemmOut {
     int32_t* i32 = nullptr;   // [T, n] when f32 is null
     float* f32 = nullptr;     // [T, n]
     const float* s = nullptr; // [T] activation scales (f32 only)
     float beta = 1.0f;        // weight scale (f32 only)
-    int64_t n = 0;            // output features = leading dimension of the output
+    int64_t n = 0;            // leading dimension of the output
+    bool add = false;         // f32 += y instead of f32 = y
 
     void store(int64_t t, int64_t row, int32_t dot) const {
-        if (f32)
-            f32[t * n + row] = static_cast<float>(dot) / s[t] * beta;
-        else
+        if (f32) {
+            const float y = static_cast<float>(dot) / s[t] * beta;
+            if (add)
+                f32[t * n + row] += y;
+            else
+                f32[t * n + row] = y;
+        } else {
             i32[t * n + row] = dot;
+        }
     }
 };
+
+// Element types of float matrices (embedding, output layer) and of the KV cache.
+enum class Dtype : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// Causal attention of one query position for `group` query heads sharing one KV head:
+//   q      float32[group, d] (already rotated), keys/values [n, d] of dtype kv (f32 or f16),
+//   scores float32[group, n] scratch, out float32[group, d] = softmax(q k^T * scale) v.
+using AttendFn = void (*)(const float* q, int64_t group, const void* keys, const void* values,
+                          Dtype kv, int64_t n, int64_t d, float scale, float* scores, float* out);
+
+// Output-layer logits in exact float: out[t * ldo + r] = sum_i h[t, i] * W[r, i] for the rows
+// r in [r0, r1) of W [rows, k] (dtype w: f32, f16 or bf16) and T tokens of h float32[T, k].
+using FloatRowsFn = void (*)(const float* h, int64_t T, int64_t k, const void* w, Dtype wt,
+                             int64_t r0, int64_t r1, float* out, int64_t ldo);
+
+// The int8 output layer: out[t * ldo + r] = sum_i x_q[t, i] * W[r, i], exact, for rows
+// r in [r0, r1) of W int8[rows, kpad] (kpad a multiple of 64, zero padded, like x_q int8[T,
+// kpad]); w_sum int32[rows] = sum_i W[r, i] (for kernels that compute in unsigned x + 128).
+using Int8RowsFn = void (*)(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,
+                            const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out,
+                            int64_t ldo);
 
 // Quantize one row: x float32[k] -> q int8[k] with s = activation_scale(max|x|), q =
 // clip(round_half_even(x * s), -128, 127); returns s. A NaN element becomes -128 (the SIMD
@@ -45,21 +73,25 @@ using GemmGroupsFn = void (*)(const int8_t* x_q, const int32_t* x_sum, int64_t T
                               const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
                               const GemmOut& out);
 
-float quantize_row_scalar(const float* x, int64_t k, int8_t* q);
-void gemm_groups_scalar(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,
-                        const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
-                        const GemmOut& out);
+#define BITNET158_DECLARE_KERNELS(isa)                                                        \
+    float quantize_row_##isa(const float* x, int64_t k, int8_t* q);                           \
+    void gemm_groups_##isa(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,  \
+                           const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,           \
+                           const GemmOut& out);                                                \
+    void attend_##isa(const float* q, int64_t group, const void* keys, const void* values,     \
+                      Dtype kv, int64_t n, int64_t d, float scale, float* scores, float* out); \
+    void float_rows_##isa(const float* h, int64_t T, int64_t k, const void* w, Dtype wt,       \
+                          int64_t r0, int64_t r1, float* out, int64_t ldo);                    \
+    void int8_rows_##isa(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,          \
+                         const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out,           \
+                         int64_t ldo);
+
+BITNET158_DECLARE_KERNELS(scalar)
 
 #if defined(__x86_64__) || defined(__i386__)
 #define BITNET158_X86 1
-float quantize_row_avx2(const float* x, int64_t k, int8_t* q);
-void gemm_groups_avx2(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,
-                      const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
-                      const GemmOut& out);
-float quantize_row_avx512(const float* x, int64_t k, int8_t* q);
-void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,
-                        const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
-                        const GemmOut& out);
+BITNET158_DECLARE_KERNELS(avx2)
+BITNET158_DECLARE_KERNELS(avx512)
 #endif
 
 // Scalar rounding shared by every ISA for elements outside a full SIMD vector.
@@ -75,6 +107,57 @@ inline int8_t quantize_value(float v) {
 // quant.quantize_activations does (a true division differs in the last bit for some amax).
 inline float activation_scale(float amax) {
     return (1.0f / (amax > kEps ? amax : kEps)) * 127.0f;
+}
+
+// IEEE half and bfloat16 bits -> float32, exactly (the scalar paths; SIMD ones convert in
+// hardware).
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);  // inf, NaN
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  // subnormal half: normalize
+        int e = -1;
+        uint32_t m = man;
+        do {
+            ++e;
+            m <<= 1;
+        } while (!(m & 0x400));
+        bits = sign | uint32_t(112 - e) << 23 | ((m & 0x3ff) << 13);
+    }
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = uint32_t(h) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+// float32 -> IEEE half bits, rounding to nearest even (the KV cache's scalar store).
+inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    __builtin_memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return uint16_t(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
+    if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00);  // rounds to >= 65520: inf
+    if (ax < 0x38800000u) {  // below the smallest normal half: a subnormal or zero
+        float a;
+        __builtin_memcpy(&a, &ax, 4);
+        // a * 2^24 is the subnormal's integer mantissa; rint rounds half to even
+        return uint16_t(sign | static_cast<uint32_t>(__builtin_nearbyintf(a * 16777216.0f)));
+    }
+    const uint32_t odd = (ax >> 13) & 1;
+    const uint32_t r = (ax + 0xfff + odd) >> 13;  // round half to even on the dropped bits
+    return uint16_t(sign | (r - (112 << 10)));
 }
 
 }  // namespace bitnet158

@@ -1,11 +1,13 @@
 // AVX2 kernels (Haswell / Zen 1 and later). Compiled per function with a target attribute,
 // never with -march, and only called when CPUID reports AVX2 and FMA.
+#include <cmath>
+
 #include "kernels.h"
 
 #if defined(BITNET158_X86)
 #include <immintrin.h>
 
-#define BITNET158_AVX2 __attribute__((target("avx2,fma")))
+#define BITNET158_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace bitnet158 {
 
@@ -114,6 +116,176 @@ BITNET158_AVX2 void gemm_groups_avx2(const int8_t* x_q, const int32_t* x_sum, in
             for (int r = 0; r < kRows && g * kRows + r < n; ++r)
                 for (int64_t t = 0; t < nt; ++t)
                     out.store(t0 + t, g * kRows + r, dots[t][r] - x_sum[t0 + t]);
+        }
+    }
+}
+
+// ---- float kernels: attention and the output layer ----
+
+BITNET158_AVX2 static inline float hsum8(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+BITNET158_AVX2 static inline float hmax8(__m256 v) {
+    const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+// e^x for x <= 0 (softmax arguments): 2^n * p(r) as in the AVX-512 kernel; 0 below -87.
+BITNET158_AVX2 static inline __m256 exp_neg(__m256 x) {
+    const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+BITNET158_AVX2 static inline __m256 load8(const void* p, Dtype t, int64_t i) {
+    if (t == Dtype::f16)
+        return _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+    if (t == Dtype::bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(
+                reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i))),
+            16));
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+}
+
+template <int G>
+BITNET158_AVX2 static inline void score_row(const float* q, int64_t d, const void* key, Dtype kv,
+                                            float scale, float* s, int64_t ld) {
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8) {
+        const __m256 k = load8(key, kv, i);
+        for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), k, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) s[g * ld] = hsum8(acc[g]) * scale;
+}
+
+BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
+                                const void* values, Dtype kv, int64_t n, int64_t d, float scale,
+                                float* scores, float* out) {
+    if (d % 8) {
+        attend_scalar(q, group, keys, values, kv, n, d, scale, scores, out);
+        return;
+    }
+    const int64_t es = kv == Dtype::f16 ? 2 : 4;
+    for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t G = group - g0 < 4 ? group - g0 : 4;
+        for (int64_t j = 0; j < n; ++j) {
+            const void* key = static_cast<const char*>(keys) + j * d * es;
+            float* sj = scores + g0 * n + j;
+            switch (G) {
+                case 1: score_row<1>(q + g0 * d, d, key, kv, scale, sj, n); break;
+                case 2: score_row<2>(q + g0 * d, d, key, kv, scale, sj, n); break;
+                case 3: score_row<3>(q + g0 * d, d, key, kv, scale, sj, n); break;
+                default: score_row<4>(q + g0 * d, d, key, kv, scale, sj, n); break;
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores + g * n;
+        __m256 vmax = _mm256_set1_ps(-__builtin_inff());
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sg + j));
+        float m = hmax8(vmax);
+        for (; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+        const __m256 vm = _mm256_set1_ps(m);
+        __m256 vsum = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= n; j += 8) {
+            const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sg + j), vm));
+            _mm256_storeu_ps(sg + j, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum8(vsum);
+        for (; j < n; ++j) {
+            sg[j] = std::exp(sg[j] - m);
+            sum += sg[j];
+        }
+        const float inv = 1.0f / sum;
+        for (j = 0; j < n; ++j) sg[j] *= inv;
+    }
+    for (int64_t g0 = 0; g0 < group; g0 += 2) {
+        const int64_t G = group - g0 < 2 ? group - g0 : 2;
+        for (int64_t i0 = 0; i0 < d; i0 += 32) {
+            const int64_t w = d - i0 < 32 ? (d - i0) / 8 : 4;
+            __m256 acc[2][4];
+            for (int g = 0; g < 2; ++g)
+                for (int c = 0; c < 4; ++c) acc[g][c] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < n; ++j) {
+                __m256 v[4];
+                for (int c = 0; c < w; ++c) v[c] = load8(values, kv, j * d + i0 + 8 * c);
+                for (int g = 0; g < G; ++g) {
+                    const __m256 p = _mm256_set1_ps(scores[(g0 + g) * n + j]);
+                    for (int c = 0; c < w; ++c) acc[g][c] = _mm256_fmadd_ps(p, v[c], acc[g][c]);
+                }
+            }
+            for (int g = 0; g < G; ++g)
+                for (int c = 0; c < w; ++c)
+                    _mm256_storeu_ps(out + (g0 + g) * d + i0 + 8 * c, acc[g][c]);
+        }
+    }
+}
+
+BITNET158_AVX2 void float_rows_avx2(const float* h, int64_t T, int64_t k, const void* w,
+                                    Dtype wt, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    const int64_t es = wt == Dtype::f32 ? 4 : 2;
+    for (int64_t r = r0; r < r1; ++r) {
+        const void* row = static_cast<const char*>(w) + r * k * es;
+        for (int64_t t = 0; t < T; ++t) {
+            const float* x = h + t * k;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 16 <= k; i += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(row, wt, i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load8(row, wt, i + 8), a1);
+            }
+            float s = hsum8(_mm256_add_ps(a0, a1));
+            for (; i < k; ++i) {
+                const float wv = wt == Dtype::f16    ? half_to_float(static_cast<const uint16_t*>(row)[i])
+                                 : wt == Dtype::bf16 ? bf16_to_float(static_cast<const uint16_t*>(row)[i])
+                                                     : static_cast<const float*>(row)[i];
+                s += x[i] * wv;
+            }
+            out[t * ldo + r] = s;
+        }
+    }
+}
+
+BITNET158_AVX2 void int8_rows_avx2(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,
+                                   const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out,
+                                   int64_t ldo) {
+    (void)w_sum;
+    // maddubs(|x|, w * sign(x)): |x| <= 128 and |w| <= 127, so the int16 pair sums never saturate
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t r = r0; r < r1; ++r) {
+        const int8_t* wr = w + r * kpad;
+        for (int64_t t = 0; t < T; ++t) {
+            const int8_t* x = x_q + t * kpad;
+            __m256i acc = _mm256_setzero_si256();
+            for (int64_t i = 0; i < kpad; i += 32) {
+                const __m256i xv = ld(x + i), wv = ld(wr + i);
+                const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+            }
+            const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+            const __m128i t2 = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+            out[t * ldo + r] = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 0xb1)));
         }
     }
 }

@@ -139,6 +139,185 @@ BITNET158_AVX512 void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum
     }
 }
 
+// ---- float kernels: attention and the output layer ----
+
+// e^x for x <= 0 (softmax arguments), within ~2 ulp: 2^n * p(r), r = x - n ln2 in
+// [-ln2/2, ln2/2], p the degree-6 Taylor polynomial; scalef gives 0 below the float range.
+BITNET158_AVX512 static inline __m512 exp_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// 16 floats of a row of dtype t starting at element i (f32 or f16; bf16 for the output layer).
+BITNET158_AVX512 static inline __m512 load16(const void* p, Dtype t, int64_t i) {
+    if (t == Dtype::f16)
+        return _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+    if (t == Dtype::bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i))),
+            16));
+    return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+}
+
+BITNET158_AVX512 static inline __m512 load16_tail(const void* p, Dtype t, int64_t i, int64_t n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    if (t == Dtype::f16)
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
+    if (t == Dtype::bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i)),
+            16));
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+}
+
+// Scores of G query heads against one key row: s[g] = (q_g . key) * scale.
+template <int G>
+BITNET158_AVX512 static inline void score_row(const float* q, int64_t d, const void* key,
+                                              Dtype kv, float scale, float* s, int64_t ld) {
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+        const __m512 k = load16(key, kv, i);
+        for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + i), k, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) s[g * ld] = _mm512_reduce_add_ps(acc[g]) * scale;
+}
+
+BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* keys,
+                                    const void* values, Dtype kv, int64_t n, int64_t d,
+                                    float scale, float* scores, float* out) {
+    if (d % 16) {
+        attend_scalar(q, group, keys, values, kv, n, d, scale, scores, out);
+        return;
+    }
+    for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t G = group - g0 < 4 ? group - g0 : 4;
+        const float* qg = q + g0 * d;
+        float* sg = scores + g0 * n;
+        for (int64_t j = 0; j < n; ++j) {
+            const void* key = kv == Dtype::f16
+                                  ? static_cast<const void*>(static_cast<const uint16_t*>(keys) + j * d)
+                                  : static_cast<const void*>(static_cast<const float*>(keys) + j * d);
+            switch (G) {
+                case 1: score_row<1>(qg, d, key, kv, scale, sg + j, n); break;
+                case 2: score_row<2>(qg, d, key, kv, scale, sg + j, n); break;
+                case 3: score_row<3>(qg, d, key, kv, scale, sg + j, n); break;
+                default: score_row<4>(qg, d, key, kv, scale, sg + j, n); break;
+            }
+        }
+    }
+    // softmax of each query head's row of scores
+    for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores + g * n;
+        __m512 vmax = _mm512_set1_ps(-__builtin_inff());
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sg + j));
+        float m = _mm512_reduce_max_ps(vmax);
+        for (; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+        const __m512 vm = _mm512_set1_ps(m);
+        __m512 vsum = _mm512_setzero_ps();
+        for (j = 0; j + 16 <= n; j += 16) {
+            const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + j), vm));
+            _mm512_storeu_ps(sg + j, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        if (j < n) {
+            const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
+            const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + j), vm));
+            _mm512_mask_storeu_ps(sg + j, tail, e);
+            vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail, e));
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+        for (j = 0; j + 16 <= n; j += 16)
+            _mm512_storeu_ps(sg + j, _mm512_mul_ps(_mm512_loadu_ps(sg + j), inv));
+        for (; j < n; ++j) sg[j] *= _mm512_cvtss_f32(inv);
+    }
+    // out[g] = sum_j p[g, j] v[j], 64 output values x up to 4 heads in registers per pass
+    for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t G = group - g0 < 4 ? group - g0 : 4;
+        for (int64_t i0 = 0; i0 < d; i0 += 64) {
+            const int64_t w = d - i0 < 64 ? (d - i0) / 16 : 4;
+            __m512 acc[4][4];
+            for (int g = 0; g < 4; ++g)
+                for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; ++j) {
+                __m512 v[4];
+                for (int c = 0; c < w; ++c) v[c] = load16(values, kv, j * d + i0 + 16 * c);
+                for (int g = 0; g < G; ++g) {
+                    const __m512 p = _mm512_set1_ps(scores[(g0 + g) * n + j]);
+                    for (int c = 0; c < w; ++c) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+                }
+            }
+            for (int g = 0; g < G; ++g)
+                for (int c = 0; c < w; ++c)
+                    _mm512_storeu_ps(out + (g0 + g) * d + i0 + 16 * c, acc[g][c]);
+        }
+    }
+}
+
+BITNET158_AVX512 void float_rows_avx512(const float* h, int64_t T, int64_t k, const void* w,
+                                        Dtype wt, int64_t r0, int64_t r1, float* out,
+                                        int64_t ldo) {
+    const int64_t es = wt == Dtype::f32 ? 4 : 2;
+    for (int64_t r = r0; r < r1; ++r) {
+        const void* row = static_cast<const char*>(w) + r * k * es;
+        for (int64_t t = 0; t < T; ++t) {
+            const float* x = h + t * k;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            int64_t i = 0;
+            for (; i + 32 <= k; i += 32) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load16(row, wt, i), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), load16(row, wt, i + 16), a1);
+            }
+            for (; i < k; i += 16) {
+                const int64_t m = k - i < 16 ? k - i : 16;
+                const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+                a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + i),
+                                     load16_tail(row, wt, i, i + m), a0);
+            }
+            out[t * ldo + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        }
+    }
+}
+
+BITNET158_AVX512 void int8_rows_avx512(const int8_t* x_q, int64_t T, int64_t kpad,
+                                       const int8_t* w, const int32_t* w_sum, int64_t r0,
+                                       int64_t r1, int32_t* out, int64_t ldo) {
+    // vpdpbusd multiplies unsigned by signed bytes: (x + 128) . w - 128 * sum(w) = x . w
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t r = r0; r < r1; ++r) {
+        const int8_t* wr = w + r * kpad;
+        for (int64_t t = 0; t < T; ++t) {
+            const int8_t* x = x_q + t * kpad;
+            __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+            int64_t i = 0;
+            for (; i + 128 <= kpad; i += 128) {
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x + i), flip),
+                                         load64(wr + i));
+                a1 = _mm512_dpbusd_epi32(
+                    a1, _mm512_xor_si512(_mm512_loadu_si512(x + i + 64), flip), load64(wr + i + 64));
+            }
+            if (i < kpad)
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x + i), flip),
+                                         load64(wr + i));
+            out[t * ldo + r] = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1)) - 128 * w_sum[r];
+        }
+    }
+}
+
 }  // namespace bitnet158
 
 #endif  // BITNET158_X86

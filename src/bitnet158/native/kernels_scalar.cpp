@@ -53,4 +53,67 @@ void gemm_groups_scalar(const int8_t* x_q, const int32_t* x_sum, int64_t T, int6
     }
 }
 
+static float load_float(const void* p, Dtype t, int64_t i) {
+    switch (t) {
+        case Dtype::f16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+        case Dtype::bf16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+        default: return static_cast<const float*>(p)[i];
+    }
+}
+
+// Dot product with 16 partial sums, the order the SIMD kernels use.
+static float dot16(const float* a, const void* b, Dtype bt, int64_t off, int64_t n) {
+    float acc[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * load_float(b, bt, off + i + l);
+    for (int l = 0; i + l < n; ++l) acc[l] += a[i + l] * load_float(b, bt, off + i + l);
+    float s = 0.0f;
+    for (float v : acc) s += v;
+    return s;
+}
+
+void attend_scalar(const float* q, int64_t group, const void* keys, const void* values, Dtype kv,
+                   int64_t n, int64_t d, float scale, float* scores, float* out) {
+    for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores + g * n;
+        float m = -__builtin_inff();
+        for (int64_t j = 0; j < n; ++j) {
+            sg[j] = dot16(q + g * d, keys, kv, j * d, d) * scale;
+            m = sg[j] > m ? sg[j] : m;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+            sg[j] = std::exp(sg[j] - m);
+            sum += sg[j];
+        }
+        float* o = out + g * d;
+        for (int64_t i = 0; i < d; ++i) o[i] = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+            const float p = sg[j] / sum;
+            for (int64_t i = 0; i < d; ++i) o[i] += p * load_float(values, kv, j * d + i);
+        }
+    }
+}
+
+void float_rows_scalar(const float* h, int64_t T, int64_t k, const void* w, Dtype wt, int64_t r0,
+                       int64_t r1, float* out, int64_t ldo) {
+    for (int64_t r = r0; r < r1; ++r)
+        for (int64_t t = 0; t < T; ++t) out[t * ldo + r] = dot16(h + t * k, w, wt, r * k, k);
+}
+
+void int8_rows_scalar(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,
+                      const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out, int64_t ldo) {
+    (void)w_sum;
+    for (int64_t r = r0; r < r1; ++r) {
+        const int8_t* wr = w + r * kpad;
+        for (int64_t t = 0; t < T; ++t) {
+            const int8_t* x = x_q + t * kpad;
+            int32_t acc = 0;
+            for (int64_t i = 0; i < kpad; ++i) acc += int32_t(x[i]) * int32_t(wr[i]);
+            out[t * ldo + r] = acc;
+        }
+    }
+}
+
 }  // namespace bitnet158

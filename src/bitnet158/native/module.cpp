@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "forward.h"
 #include "kernels.h"
 #include "threadpool.h"
 
@@ -26,7 +27,12 @@ namespace {
 template <class T>
 using In2D = nb::ndarray<const T, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 template <class T>
+using In1D = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+template <class T>
 using Out = nb::ndarray<nb::numpy, T>;
+// Any dtype, checked by hand (float16 has no C++ type here).
+using AnyRO = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
+using AnyRW = nb::ndarray<nb::c_contig, nb::device::cpu>;
 
 // Limits keep every int32 sum exact: |sum x*(w+1)| <= 2 * 128 * k < 2^31.
 constexpr int64_t kMaxK = int64_t(1) << 22;
@@ -39,6 +45,17 @@ Out<T> new_array(std::initializer_list<size_t> shape, T** data) {
     nb::capsule owner(ptr, [](void* p) noexcept { delete[] static_cast<T*>(p); });
     *data = ptr;
     return Out<T>(ptr, shape.size(), shape.begin(), owner);
+}
+
+// int8[rows, cols] whose data is 64-byte aligned (cols a multiple of 64 keeps every row so).
+Out<int8_t> new_aligned_int8(int64_t rows, int64_t cols, int8_t** data) {
+    const size_t bytes = size_t(std::max<int64_t>(rows * cols, 1));
+    void* ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!ptr) throw std::bad_alloc();
+    nb::capsule owner(ptr, [](void* p) noexcept { std::free(p); });
+    *data = static_cast<int8_t*>(ptr);
+    const size_t shape[2] = {size_t(rows), size_t(cols)};
+    return Out<int8_t>(ptr, 2, shape, owner);
 }
 
 Isa pick_isa(const std::optional<std::string>& name) {
@@ -78,6 +95,226 @@ void check_k(const In2D<T>& x, int64_t k, const char* what) {
                                " columns, expected k=" + std::to_string(k))
                                   .c_str());
 }
+
+std::string shape_str(const nb::ndarray<>& a) {
+    std::string out = "(";
+    for (size_t i = 0; i < a.ndim(); ++i) out += (i ? ", " : "") + std::to_string(a.shape(i));
+    return out + (a.ndim() == 1 ? ",)" : ")");
+}
+
+bool is_dtype(nb::dlpack::dtype dt, nb::dlpack::dtype_code code, int bits) {
+    return dt.code == uint8_t(code) && dt.bits == bits && dt.lanes == 1;
+}
+
+// float32, float16, or uint16 holding bfloat16 bits (`bf16` says which a uint16 array is).
+template <class A>
+Dtype float_dtype(const A& a, bool bf16, const char* what) {
+    using nb::dlpack::dtype_code;
+    if (is_dtype(a.dtype(), dtype_code::Float, 32) && !bf16) return Dtype::f32;
+    if (is_dtype(a.dtype(), dtype_code::Float, 16) && !bf16) return Dtype::f16;
+    if (is_dtype(a.dtype(), dtype_code::UInt, 16) && bf16) return Dtype::bf16;
+    throw nb::type_error((std::string(what) + " must be float32, float16, or uint16 bfloat16 bits "
+                          "(with bf16=True)").c_str());
+}
+
+template <class A>
+void check_aligned(const A& a, size_t align, const char* what) {
+    if (reinterpret_cast<uintptr_t>(a.data()) % align)
+        throw nb::value_error((std::string(what) + " is not " + std::to_string(align) +
+                               "-byte aligned (allocate it with numpy, not as a view at an odd offset)")
+                                  .c_str());
+}
+
+void check_shape(const nb::ndarray<>& a, std::initializer_list<int64_t> want, const char* what) {
+    bool ok = a.ndim() == want.size();
+    size_t i = 0;
+    for (int64_t d : want) ok = ok && i < a.ndim() && int64_t(a.shape(i++)) == d;
+    if (!ok) {
+        std::string w = "(";
+        i = 0;
+        for (int64_t d : want) w += (i++ ? ", " : "") + std::to_string(d);
+        throw nb::value_error((std::string(what) + " must have shape " + w + (want.size() == 1 ? ",)" : ")") +
+                               ", got " + shape_str(a))
+                                  .c_str());
+    }
+}
+
+// The weights of a model for the native decoder step (forward.h). The arrays are borrowed,
+// never copied: the object holds a reference to each so that memory-mapped weights outlive it.
+class NativeModel {
+public:
+    NativeModel(int64_t hidden, int64_t inter, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                int64_t vocab, int64_t layers, bool relu2, bool subln, bool inner_norm,
+                bool layernorm, double eps, double inner_eps, In1D<float> inv_freq) {
+        ModelShape& sh = w_.shape;
+        sh.hidden = hidden;
+        sh.inter = inter;
+        sh.heads = heads;
+        sh.kv_heads = kv_heads;
+        sh.head_dim = head_dim;
+        sh.vocab = vocab;
+        sh.layers = layers;
+        sh.relu2 = relu2;
+        sh.subln = subln;
+        sh.inner_norm = inner_norm;
+        sh.layernorm = layernorm;
+        sh.eps = float(eps);
+        sh.inner_eps = float(inner_eps);
+        if (hidden < 1 || inter < 1 || heads < 1 || kv_heads < 1 || head_dim < 2 || head_dim % 2 ||
+            vocab < 1 || layers < 1 || heads % kv_heads)
+            throw nb::value_error("inconsistent model shape");
+        if (std::max({hidden, inter, heads * head_dim}) > kMaxK)
+            throw nb::value_error("a matrix is wider than the supported maximum");
+        check_shape(nb::ndarray<>(inv_freq), {head_dim / 2}, "inv_freq");
+        w_.inv_freq.assign(inv_freq.data(), inv_freq.data() + head_dim / 2);
+        w_.layers.resize(size_t(layers));
+        set_.assign(size_t(layers), false);
+    }
+
+    void set_layer(int64_t i, std::optional<In1D<float>> attn_norm,
+                   std::optional<In1D<float>> ffn_norm, std::optional<In1D<float>> attn_sub_norm,
+                   std::optional<In1D<float>> ffn_sub_norm, std::vector<In2D<uint8_t>> packed,
+                   std::vector<float> betas) {
+        const ModelShape& sh = w_.shape;
+        if (i < 0 || i >= sh.layers) throw nb::index_error("layer index out of range");
+        if (packed.size() != 7 || betas.size() != 7)
+            throw nb::value_error("give 7 packed matrices and 7 scales: q, k, v, o, gate, up, down");
+        LayerWeights& L = w_.layers[size_t(i)];
+        const int64_t H = sh.hidden, QS = sh.heads * sh.head_dim, KVS = sh.kv_heads * sh.head_dim;
+        auto norm = [&](const std::optional<In1D<float>>& a, int64_t n, bool required,
+                        const char* what) -> const float* {
+            if (!a) {
+                if (required) throw nb::value_error((std::string(what) + " is required").c_str());
+                return nullptr;
+            }
+            check_shape(nb::ndarray<>(*a), {n}, what);
+            check_aligned(*a, alignof(float), what);
+            keep_.push_back(nb::cast(*a));
+            return a->data();
+        };
+        L.attn_norm = norm(attn_norm, H, false, "attn_norm");
+        L.ffn_norm = norm(ffn_norm, H, false, "ffn_norm");
+        L.attn_sub_norm = norm(attn_sub_norm, QS, sh.subln, "attn_sub_norm");
+        L.ffn_sub_norm = norm(ffn_sub_norm, sh.inter, sh.subln, "ffn_sub_norm");
+        const int64_t shapes[7][2] = {{QS, H}, {KVS, H}, {KVS, H}, {H, QS},
+                                      {sh.inter, H}, {sh.inter, H}, {H, sh.inter}};
+        Ternary* dst[7] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+        for (int j = 0; j < 7; ++j) {
+            const int64_t n = shapes[j][0], k = shapes[j][1];
+            check_packed(packed[size_t(j)], n, k);
+            keep_.push_back(nb::cast(packed[size_t(j)]));
+            *dst[j] = Ternary{packed[size_t(j)].data(), betas[size_t(j)], n, k};
+        }
+        set_[size_t(i)] = true;
+    }
+
+    void set_embedding(AnyRO embed, bool bf16) {
+        const ModelShape& sh = w_.shape;
+        w_.embed_dtype = float_dtype(embed, bf16, "embed");
+        check_shape(nb::ndarray<>(embed), {sh.vocab, sh.hidden}, "embed");
+        check_aligned(embed, embed.itemsize(), "embed");
+        keep_.push_back(nb::cast(embed));
+        w_.embed = embed.data();
+    }
+
+    // The float output layer (None: the embedding, tied) and the final norm's weight.
+    void set_output(std::optional<In1D<float>> final_norm, std::optional<AnyRO> head, bool bf16) {
+        const ModelShape& sh = w_.shape;
+        if (!w_.embed) throw nb::value_error("set_embedding first");
+        w_.final_norm = nullptr;
+        if (final_norm) {
+            check_shape(nb::ndarray<>(*final_norm), {sh.hidden}, "final norm");
+            keep_.push_back(nb::cast(*final_norm));
+            w_.final_norm = final_norm->data();
+        }
+        w_.head = OutputLayer{};
+        if (head) {
+            w_.head.dtype = float_dtype(*head, bf16, "lm_head");
+            check_shape(nb::ndarray<>(*head), {sh.vocab, sh.hidden}, "lm_head");
+            check_aligned(*head, head->itemsize(), "lm_head");
+            keep_.push_back(nb::cast(*head));
+            w_.head.w = head->data();
+        } else {
+            w_.head.dtype = w_.embed_dtype;
+            w_.head.w = w_.embed;
+        }
+        head_set_ = true;
+    }
+
+    // Switch the output layer to int8 rows (quantize_rows_int8's output).
+    void set_output_int8(In2D<int8_t> q, In1D<float> row_scale, In1D<int32_t> row_sum) {
+        const ModelShape& sh = w_.shape;
+        if (!head_set_) throw nb::value_error("set_output first");
+        const int64_t kpad = round_up(sh.hidden, 64);
+        check_shape(nb::ndarray<>(q), {sh.vocab, kpad}, "int8 lm_head");
+        check_shape(nb::ndarray<>(row_scale), {sh.vocab}, "row_scale");
+        check_shape(nb::ndarray<>(row_sum), {sh.vocab}, "row_sum");
+        check_aligned(q, 64, "int8 lm_head");
+        for (auto o : {nb::cast(q), nb::cast(row_scale), nb::cast(row_sum)}) keep_.push_back(o);
+        w_.head.w_i8 = q.data();
+        w_.head.row_scale = row_scale.data();
+        w_.head.row_sum = row_sum.data();
+        w_.head.kpad = kpad;
+    }
+
+    std::string head_kind() const {
+        if (w_.head.w_i8) return "int8";
+        switch (w_.head.dtype) {
+            case Dtype::f16: return "float16";
+            case Dtype::bf16: return "bfloat16";
+            default: return "float32";
+        }
+    }
+
+    Out<float> forward(In1D<int32_t> tokens, In1D<int32_t> slots, In1D<int32_t> positions,
+                       AnyRW k_cache, AnyRW v_cache, In1D<int64_t> out_rows,
+                       std::optional<std::string> isa) {
+        const Isa use = pick_isa(isa);
+        const ModelShape& sh = w_.shape;
+        for (size_t i = 0; i < set_.size(); ++i)
+            if (!set_[i]) throw nb::value_error(("layer " + std::to_string(i) + " is not set").c_str());
+        if (!head_set_) throw nb::value_error("the output layer is not set");
+        const int64_t T = tokens.shape(0), R = out_rows.shape(0);
+        if (int64_t(slots.shape(0)) != T || int64_t(positions.shape(0)) != T)
+            throw nb::value_error("tokens, slots and positions must have the same length");
+        KVCacheView cache;
+        using nb::dlpack::dtype_code;
+        if (is_dtype(k_cache.dtype(), dtype_code::Float, 32))
+            cache.dtype = Dtype::f32;
+        else if (is_dtype(k_cache.dtype(), dtype_code::Float, 16))
+            cache.dtype = Dtype::f16;
+        else
+            throw nb::type_error("the KV cache must be float32 or float16");
+        if (k_cache.dtype() != v_cache.dtype())
+            throw nb::type_error("keys and values of the KV cache must have the same dtype");
+        if (k_cache.ndim() != 5)
+            throw nb::value_error("the KV cache must have shape (slots, layers, kv_heads, max_context, head_dim)");
+        cache.slots = k_cache.shape(0);
+        cache.max_ctx = k_cache.shape(3);
+        for (const AnyRW* a : {&k_cache, &v_cache}) {
+            check_shape(nb::ndarray<>(*a), {cache.slots, sh.layers, sh.kv_heads, cache.max_ctx, sh.head_dim},
+                        "KV cache");
+            check_aligned(*a, 64, "KV cache");
+        }
+        cache.k = k_cache.data();
+        cache.v = v_cache.data();
+        check_step(sh, tokens.data(), slots.data(), positions.data(), T, cache, out_rows.data(), R);
+        float* logits;
+        auto arr = new_array<float>({size_t(R), size_t(sh.vocab)}, &logits);
+        {
+            nb::gil_scoped_release release;
+            bitnet158::forward(w_, tokens.data(), slots.data(), positions.data(), T, cache,
+                               out_rows.data(), R, logits, use);
+        }
+        return arr;
+    }
+
+private:
+    ModelWeights w_;
+    std::vector<bool> set_;
+    bool head_set_ = false;
+    std::vector<nb::object> keep_;
+};
 
 }  // namespace
 
@@ -158,4 +395,58 @@ NB_MODULE(_native, m) {
         "x"_a.noconvert(), "packed"_a.noconvert(), "beta"_a, "n"_a, "k"_a, "isa"_a = nb::none(),
         "Quantized linear y = float(x_q . W^T) / s * beta -> float32[T, n], bit-identical to "
         "bitnet158.quant.ternary_linear_reference for finite x.");
+
+    m.def(
+        "quantize_rows_int8",
+        [](AnyRO w, bool bf16, std::optional<std::string> isa) {
+            const Isa use = pick_isa(isa);
+            const Dtype dt = float_dtype(w, bf16, "w");
+            if (w.ndim() != 2) throw nb::value_error("w must be 2-D [rows, k]");
+            check_aligned(w, w.itemsize(), "w");
+            const int64_t rows = w.shape(0), k = w.shape(1), kpad = round_up(std::max<int64_t>(k, 1), 64);
+            int8_t* q;
+            float* scale;
+            int32_t* sum;
+            // 64-byte aligned rows: allocate one spare line and return an aligned view
+            auto q_arr = new_aligned_int8(rows, kpad, &q);
+            auto s_arr = new_array<float>({size_t(rows)}, &scale);
+            auto sum_arr = new_array<int32_t>({size_t(rows)}, &sum);
+            {
+                nb::gil_scoped_release release;
+                quantize_rows_int8(w.data(), dt, rows, k, kpad, q, scale, sum, use);
+            }
+            return nb::make_tuple(q_arr, s_arr, sum_arr);
+        },
+        "w"_a.noconvert(), "bf16"_a = false, "isa"_a = nb::none(),
+        "Per-row int8 copy of a float matrix w [rows, k] -> (q int8[rows, ceil(k/64)*64], "
+        "row_scale float32[rows] = 127/max|row|, row_sum int32[rows]), for the int8 output layer.");
+
+    nb::class_<NativeModel>(m, "Model",
+                            "Weights of a model for the native decoder step (borrowed arrays).")
+        .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool,
+                      bool, bool, double, double, In1D<float>>(),
+             "hidden"_a, "inter"_a, "heads"_a, "kv_heads"_a, "head_dim"_a, "vocab"_a, "layers"_a,
+             "relu2"_a, "subln"_a, "inner_norm"_a, "layernorm"_a, "eps"_a, "inner_eps"_a,
+             "inv_freq"_a.noconvert())
+        .def("set_layer", &NativeModel::set_layer, "i"_a, "attn_norm"_a.noconvert().none(),
+             "ffn_norm"_a.noconvert().none(), "attn_sub_norm"_a.noconvert().none(),
+             "ffn_sub_norm"_a.noconvert().none(), "packed"_a.noconvert(), "betas"_a,
+             "Layer i: norm weights (None: none) and the 7 packed projections q, k, v, o, gate, "
+             "up, down with their scales.")
+        .def("set_embedding", &NativeModel::set_embedding, "embed"_a.noconvert(), "bf16"_a = false)
+        .def("set_output", &NativeModel::set_output, "final_norm"_a.noconvert().none(),
+             "head"_a.noconvert().none(), "bf16"_a = false,
+             "Final norm weight and output layer (None: tied to the embedding).")
+        .def("set_output_int8", &NativeModel::set_output_int8, "q"_a.noconvert(),
+             "row_scale"_a.noconvert(), "row_sum"_a.noconvert())
+        .def_prop_ro("head_kind", &NativeModel::head_kind,
+                     "The output layer in use: float32, float16, bfloat16 or int8.")
+        .def("forward", &NativeModel::forward, "tokens"_a.noconvert(), "slots"_a.noconvert(),
+             "positions"_a.noconvert(), "k_cache"_a.noconvert(), "v_cache"_a.noconvert(),
+             "out_rows"_a.noconvert(), "isa"_a = nb::none(),
+             "Run tokens int32[T] (sequence slots[T], positions[T]) through every layer, writing "
+             "their keys/values into the caches [slots, layers, kv_heads, max_context, head_dim] "
+             "(float32 or float16, 64-byte aligned); logits float32[R, vocab] of tokens "
+             "out_rows int64[R]. ValueError on a context overflow or bad ids; nothing is written "
+             "then.");
 }

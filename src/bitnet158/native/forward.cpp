@@ -1,0 +1,338 @@
+// The decoder step of forward.h. Numerics follow nn/model.py (float32 everywhere, norms as
+// torch evaluates them: x * rsqrt(mean(x^2) + eps) * w), so the logits match the torch
+// reference to float rounding; the ternary products are exact (kernels.h).
+#include "forward.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "threadpool.h"
+
+namespace bitnet158 {
+
+namespace {
+
+// Row-wise work (norms, RoPE, activations) is split into chunks of at least this many values:
+// a decode step's single row never wakes a second thread.
+constexpr int64_t kMinRowWork = 16 * 1024;
+// Attention units (one query position x one KV head) are batched into chunks of at least this
+// many multiply-adds.
+constexpr int64_t kMinAttendWork = 64 * 1024;
+// Output-layer rows per chunk stream at least this many bytes.
+constexpr int64_t kMinHeadChunkBytes = 64 * 1024;
+
+// f(t) for t in [0, T), rows of `per_row` values each, in parallel chunks.
+template <class F>
+void for_rows(int64_t T, int64_t per_row, F&& f) {
+    const int64_t rows = std::max<int64_t>(1, kMinRowWork / std::max<int64_t>(per_row, 1));
+    parallel_for(cdiv(T, rows), [&](int64_t c) {
+        for (int64_t t = c * rows; t < std::min(T, (c + 1) * rows); ++t) f(t);
+    });
+}
+
+// A per-thread scratch row (the pool's threads and the caller each have their own).
+float* scratch(int64_t n, int which) {
+    thread_local std::vector<float> bufs[2];
+    std::vector<float>& b = bufs[which];
+    if (int64_t(b.size()) < n) b.resize(size_t(n));
+    return b.data();
+}
+
+int32_t row_sum(const int8_t* x, int64_t k) {
+    int32_t s = 0;
+    for (int64_t i = 0; i < k; ++i) s += x[i];
+    return s;
+}
+
+float element(const void* p, Dtype t, int64_t i) {
+    switch (t) {
+        case Dtype::f16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+        case Dtype::bf16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+        default: return static_cast<const float*>(p)[i];
+    }
+}
+
+int64_t dtype_size(Dtype t) { return t == Dtype::f32 ? 4 : 2; }
+
+// A norm applied to a matmul input: RMSNorm, or LayerNorm (mean-centred first), with an
+// optional weight.
+struct NormSpec {
+    bool on = false;
+    const float* weight = nullptr;
+    float eps = 1e-5f;
+    bool layernorm = false;
+};
+
+// y[k] = norm(x) (y may be x). The mean of squares sums float squares in double: closer to
+// exact than any float order, so within rounding of torch's pairwise float sums.
+void norm_row(const float* x, float* y, int64_t k, const float* w, float eps, bool layernorm) {
+    if (layernorm) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < k; ++i) sum += x[i];
+        const float mean = static_cast<float>(sum) / static_cast<float>(k);
+        for (int64_t i = 0; i < k; ++i) y[i] = x[i] - mean;
+        x = y;
+    }
+    double sq[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= k; i += 4)
+        for (int l = 0; l < 4; ++l) sq[l] += double(x[i + l] * x[i + l]);
+    for (; i < k; ++i) sq[0] += double(x[i] * x[i]);
+    const float ms = static_cast<float>((sq[0] + sq[1]) + (sq[2] + sq[3])) / static_cast<float>(k);
+    const float r = 1.0f / std::sqrt(ms + eps);
+    if (w)
+        for (i = 0; i < k; ++i) y[i] = (x[i] * r) * w[i];
+    else
+        for (i = 0; i < k; ++i) y[i] = x[i] * r;
+}
+
+// The input of a BitLinear: optional norm, optional inner (OLMo) RMSNorm, then per-token int8
+// x_q[kpad] (zero beyond k), its scale s and its sum.
+void prep_row(const Kernels& kern, const float* x, int64_t k, const NormSpec& a,
+              const NormSpec& inner, int8_t* q, int64_t kpad, float* s, int32_t* sum) {
+    const float* src = x;
+    if (a.on || inner.on) {
+        float* tmp = scratch(k, 0);
+        if (a.on) {
+            norm_row(src, tmp, k, a.weight, a.eps, a.layernorm);
+            src = tmp;
+        }
+        if (inner.on) {
+            norm_row(src, tmp, k, nullptr, inner.eps, false);
+            src = tmp;
+        }
+    }
+    *s = kern.quantize_row(src, k, q);
+    std::memset(q + k, 0, size_t(kpad - k));
+    *sum = row_sum(q, k);
+}
+
+// Rotate-half RoPE of `heads` vectors of length d in place: x * cos + rotate_half(x) * sin.
+void rope(float* x, int64_t heads, int64_t d, const float* c, const float* s) {
+    const int64_t half = d / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+        float* v = x + h * d;
+        for (int64_t i = 0; i < half; ++i) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * c[i] + (-b) * s[i];
+            v[i + half] = b * c[i] + a * s[i];
+        }
+    }
+}
+
+void store_row(void* dst, Dtype t, const float* src, int64_t n) {
+    if (t == Dtype::f16) {
+        uint16_t* d = static_cast<uint16_t*>(dst);
+        for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i]);
+    } else {
+        std::memcpy(dst, src, size_t(n) * sizeof(float));
+    }
+}
+
+GemmOut to_f32(float* y, const float* s, float beta, int64_t ld, bool add) {
+    GemmOut o;
+    o.f32 = y;
+    o.s = s;
+    o.beta = beta;
+    o.n = ld;
+    o.add = add;
+    return o;
+}
+
+}  // namespace
+
+void check_step(const ModelShape& shape, const int32_t* tokens, const int32_t* slots,
+                const int32_t* positions, int64_t T, const KVCacheView& cache,
+                const int64_t* out_rows, int64_t R) {
+    std::vector<int64_t> keys(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) {
+        if (tokens[t] < 0 || tokens[t] >= shape.vocab)
+            throw std::invalid_argument("token id " + std::to_string(tokens[t]) +
+                                        " is outside the vocabulary (0.." +
+                                        std::to_string(shape.vocab - 1) + ")");
+        if (slots[t] < 0 || slots[t] >= cache.slots)
+            throw std::invalid_argument("cache slot " + std::to_string(slots[t]) +
+                                        " does not exist (the cache has " +
+                                        std::to_string(cache.slots) + ")");
+        if (positions[t] < 0)
+            throw std::invalid_argument("negative position " + std::to_string(positions[t]));
+        if (positions[t] >= cache.max_ctx)
+            throw std::invalid_argument("context overflow: position " +
+                                        std::to_string(positions[t]) +
+                                        " is past the context length of " +
+                                        std::to_string(cache.max_ctx) + " tokens");
+        keys[size_t(t)] = int64_t(slots[t]) * cache.max_ctx + positions[t];
+    }
+    std::sort(keys.begin(), keys.end());
+    if (std::adjacent_find(keys.begin(), keys.end()) != keys.end())
+        throw std::invalid_argument("a (slot, position) pair occurs twice in one step");
+    for (int64_t r = 0; r < R; ++r)
+        if (out_rows[r] < 0 || out_rows[r] >= T)
+            throw std::invalid_argument("logits row " + std::to_string(out_rows[r]) +
+                                        " is not one of the " + std::to_string(T) + " tokens");
+}
+
+void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
+             const int32_t* positions, int64_t T, const KVCacheView& cache,
+             const int64_t* out_rows, int64_t R, float* logits, Isa isa) {
+    const Kernels& kern = kernels_for(isa);
+    const ModelShape& sh = m.shape;
+    const int64_t H = sh.hidden, I = sh.inter, D = sh.head_dim, half = D / 2;
+    const int64_t NH = sh.heads, KVH = sh.kv_heads, group = NH / KVH;
+    const int64_t QS = NH * D, KVS = KVH * D, V = sh.vocab, L = sh.layers;
+    const int64_t kpH = round_up(H, kBlock), kpQ = round_up(QS, kBlock), kpI = round_up(I, kBlock);
+    const int64_t es = dtype_size(cache.dtype);
+    const float scale = static_cast<float>(1.0 / std::sqrt(double(D)));
+
+    std::vector<float> x(size_t(T * H)), q(size_t(T * QS)), kb(size_t(T * KVS)),
+        vb(size_t(T * KVS)), att(size_t(T * QS)), gate(size_t(T * I)), up(size_t(T * I));
+    AlignedArray<int8_t> xq(T * std::max({kpH, kpQ, kpI}));
+    std::vector<float> s(static_cast<size_t>(T));
+    std::vector<int32_t> xs(static_cast<size_t>(T));
+
+    // RoPE tables of these positions: angle = float(pos) * inv_freq as torch computes it.
+    std::vector<float> cs(size_t(T * half)), sn(size_t(T * half));
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < half; ++i) {
+            const float angle = static_cast<float>(positions[t]) * m.inv_freq[size_t(i)];
+            cs[size_t(t * half + i)] = static_cast<float>(std::cos(double(angle)));
+            sn[size_t(t * half + i)] = static_cast<float>(std::sin(double(angle)));
+        }
+
+    for_rows(T, H, [&](int64_t t) {
+        const int64_t off = int64_t(tokens[t]) * H;
+        for (int64_t i = 0; i < H; ++i) x[size_t(t * H + i)] = element(m.embed, m.embed_dtype, off + i);
+    });
+
+    const NormSpec inner{sh.inner_norm, nullptr, sh.inner_eps, false};
+    for (int64_t l = 0; l < L; ++l) {
+        const LayerWeights& w = m.layers[size_t(l)];
+        int8_t* xq_ = xq.get();
+
+        // attention: norm + quantize, fused q/k/v, RoPE, cache store, attention, o + residual
+        const NormSpec attn_norm{true, w.attn_norm, sh.eps, sh.layernorm};
+        for_rows(T, H, [&](int64_t t) {
+            prep_row(kern, &x[size_t(t * H)], H, attn_norm, inner, xq_ + t * kpH, kpH, &s[size_t(t)],
+                     &xs[size_t(t)]);
+        });
+        const GemmTask qkv[3] = {
+            {w.q.packed, QS, to_f32(q.data(), s.data(), w.q.beta, QS, false)},
+            {w.k.packed, KVS, to_f32(kb.data(), s.data(), w.k.beta, KVS, false)},
+            {w.v.packed, KVS, to_f32(vb.data(), s.data(), w.v.beta, KVS, false)},
+        };
+        run_gemm_tasks(kern, xq_, xs.data(), T, kpH, qkv, 3);
+
+        for_rows(T, QS + 2 * KVS, [&](int64_t t) {
+            rope(&q[size_t(t * QS)], NH, D, &cs[size_t(t * half)], &sn[size_t(t * half)]);
+            rope(&kb[size_t(t * KVS)], KVH, D, &cs[size_t(t * half)], &sn[size_t(t * half)]);
+            for (int64_t h = 0; h < KVH; ++h) {
+                const int64_t at = (((slots[t] * L + l) * KVH + h) * cache.max_ctx + positions[t]) * D;
+                store_row(static_cast<char*>(cache.k) + at * es, cache.dtype, &kb[size_t(t * KVS + h * D)], D);
+                store_row(static_cast<char*>(cache.v) + at * es, cache.dtype, &vb[size_t(t * KVS + h * D)], D);
+            }
+        });
+
+        int64_t work = 0;
+        for (int64_t t = 0; t < T; ++t) work += (int64_t(positions[t]) + 1) * KVS * group * 2;
+        const int64_t units = T * KVH;
+        const int64_t per_chunk = std::max<int64_t>(1, units * kMinAttendWork / std::max<int64_t>(work, 1));
+        parallel_for(cdiv(units, per_chunk), [&](int64_t c) {
+            for (int64_t u = c * per_chunk; u < std::min(units, (c + 1) * per_chunk); ++u) {
+                const int64_t t = u / KVH, h = u % KVH, n = int64_t(positions[t]) + 1;
+                const int64_t at = ((slots[t] * L + l) * KVH + h) * cache.max_ctx * D * es;
+                kern.attend(&q[size_t(t * QS + h * group * D)], group,
+                            static_cast<const char*>(cache.k) + at,
+                            static_cast<const char*>(cache.v) + at, cache.dtype, n, D, scale,
+                            scratch(group * n, 1), &att[size_t(t * QS + h * group * D)]);
+            }
+        });
+
+        const NormSpec attn_sub{sh.subln, w.attn_sub_norm, sh.eps, false};
+        for_rows(T, QS, [&](int64_t t) {
+            prep_row(kern, &att[size_t(t * QS)], QS, attn_sub, inner, xq_ + t * kpQ, kpQ, &s[size_t(t)],
+                     &xs[size_t(t)]);
+        });
+        const GemmTask o{w.o.packed, H, to_f32(x.data(), s.data(), w.o.beta, H, true)};
+        run_gemm_tasks(kern, xq_, xs.data(), T, kpQ, &o, 1);
+
+        // feed-forward: norm + quantize, fused gate/up, act(gate) * up + sub norm + quantize,
+        // down + residual
+        const NormSpec ffn_norm{true, w.ffn_norm, sh.eps, sh.layernorm};
+        for_rows(T, H, [&](int64_t t) {
+            prep_row(kern, &x[size_t(t * H)], H, ffn_norm, inner, xq_ + t * kpH, kpH, &s[size_t(t)],
+                     &xs[size_t(t)]);
+        });
+        const GemmTask gate_up[2] = {
+            {w.gate.packed, I, to_f32(gate.data(), s.data(), w.gate.beta, I, false)},
+            {w.up.packed, I, to_f32(up.data(), s.data(), w.up.beta, I, false)},
+        };
+        run_gemm_tasks(kern, xq_, xs.data(), T, kpH, gate_up, 2);
+
+        const NormSpec ffn_sub{sh.subln, w.ffn_sub_norm, sh.eps, false};
+        for_rows(T, I, [&](int64_t t) {
+            float* g = &gate[size_t(t * I)];
+            const float* u = &up[size_t(t * I)];
+            if (sh.relu2) {
+                for (int64_t i = 0; i < I; ++i) {
+                    const float r = g[i] > 0.0f ? g[i] : 0.0f;
+                    g[i] = (r * r) * u[i];
+                }
+            } else {  // silu(g) = g / (1 + exp(-g)), as torch evaluates it
+                for (int64_t i = 0; i < I; ++i) g[i] = (g[i] / (1.0f + std::exp(-g[i]))) * u[i];
+            }
+            prep_row(kern, g, I, ffn_sub, inner, xq_ + t * kpI, kpI, &s[size_t(t)], &xs[size_t(t)]);
+        });
+        const GemmTask down{w.down.packed, H, to_f32(x.data(), s.data(), w.down.beta, H, true)};
+        run_gemm_tasks(kern, xq_, xs.data(), T, kpI, &down, 1);
+    }
+
+    if (R == 0) return;
+    // final norm of the requested rows, then the output layer over vocabulary chunks
+    std::vector<float> h(static_cast<size_t>(R * H));
+    for (int64_t r = 0; r < R; ++r)
+        norm_row(&x[size_t(out_rows[r] * H)], &h[size_t(r * H)], H, m.final_norm, sh.eps, sh.layernorm);
+    const int64_t threads = num_threads();
+    if (m.head.w_i8) {
+        const int64_t kp = m.head.kpad;
+        AlignedArray<int8_t> hq(R * kp);
+        std::vector<float> hs(static_cast<size_t>(R));
+        for (int64_t r = 0; r < R; ++r) {
+            hs[size_t(r)] = kern.quantize_row(&h[size_t(r * H)], H, hq.get() + r * kp);
+        }
+        const int64_t rows = std::max(cdiv(kMinHeadChunkBytes, kp), cdiv(V, 4 * threads));
+        int32_t* acc = reinterpret_cast<int32_t*>(logits);  // int32 dots, then floats in place
+        parallel_for(cdiv(V, rows), [&](int64_t c) {
+            const int64_t r0 = c * rows, r1 = std::min(V, r0 + rows);
+            kern.int8_rows(hq.get(), R, kp, m.head.w_i8, m.head.row_sum, r0, r1, acc, V);
+            for (int64_t t = 0; t < R; ++t)
+                for (int64_t r = r0; r < r1; ++r)
+                    logits[t * V + r] =
+                        static_cast<float>(acc[t * V + r]) / hs[size_t(t)] / m.head.row_scale[r];
+        });
+    } else {
+        const int64_t rows =
+            std::max(cdiv(kMinHeadChunkBytes, H * dtype_size(m.head.dtype)), cdiv(V, 4 * threads));
+        parallel_for(cdiv(V, rows), [&](int64_t c) {
+            kern.float_rows(h.data(), R, H, m.head.w, m.head.dtype, c * rows,
+                            std::min(V, (c + 1) * rows), logits, V);
+        });
+    }
+}
+
+void quantize_rows_int8(const void* w, Dtype dtype, int64_t rows, int64_t k, int64_t kpad,
+                        int8_t* q, float* row_scale, int32_t* row_sum_out, Isa isa) {
+    const Kernels& kern = kernels_for(isa);
+    for_rows(rows, k, [&](int64_t r) {
+        float* tmp = scratch(k, 0);
+        for (int64_t i = 0; i < k; ++i) tmp[i] = element(w, dtype, r * k + i);
+        int8_t* qr = q + r * kpad;
+        row_scale[r] = kern.quantize_row(tmp, k, qr);
+        std::memset(qr + k, 0, size_t(kpad - k));
+        row_sum_out[r] = row_sum(qr, k);
+    });
+}
+
+}  // namespace bitnet158
