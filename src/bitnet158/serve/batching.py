@@ -1,0 +1,322 @@
+"""Continuous batching: many generations share one decode step, joining and leaving at will.
+
+A `Batcher` owns a `DecodeBackend` (a fixed number of KV-cache slots) and one worker thread.
+Each loop turn it drops cancelled sequences (their slots are free for the next turn), moves
+waiting sequences into free slots and prefills them, then runs ONE decode step over every
+active sequence and samples each one's next token. A sequence leaves at its end (EOS, stop
+string, max_tokens, context full) or when cancelled; a new one takes its slot at once, without
+waiting for the rest of the batch (Orca-style iteration-level scheduling).
+
+The backend is the only contract with the engine: prefill one sequence into a slot, decode
+one token for a list of slots -> logits [B, V]. `SequentialBackend` runs today's
+`EngineModel.forward` once per sequence (correct, not faster than one client); a batched
+native step implements the same three methods.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..engine.generate import _first_stop, _held_back
+from ..engine.kv_cache import KVCache
+from ..engine.model import EngineModel
+from ..engine.sampling import sample
+from ..formats.tokenizer import IncrementalDecoder, Tokenizer
+
+
+class QueueFull(Exception):
+    """The wait queue is at its bound: the request should be retried later (HTTP 429)."""
+
+
+class DecodeBackend(Protocol):
+    """KV-cache slots on an engine: prefill one sequence into a slot, decode many at once."""
+
+    num_slots: int
+    max_context: int
+
+    def prefill(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
+        """Start slot `slot` afresh with the prompt tokens; logits float32[V] of the last one."""
+        ...
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens[i] to slot slots[i], all in one step; logits float32[B, V]."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """The slot's sequence is gone; its cache may be reused."""
+        ...
+
+
+class SequentialBackend:
+    """`DecodeBackend` over `EngineModel.forward`, one sequence at a time (no batching gain)."""
+
+    def __init__(self, engine: EngineModel, num_slots: int, max_context: int) -> None:
+        self.engine, self.num_slots, self.max_context = engine, num_slots, max_context
+        self._caches: dict[int, KVCache] = {}  # made on first use: most servers never fill all
+
+    def _cache(self, slot: int) -> KVCache:
+        if slot not in self._caches:
+            self._caches[slot] = self.engine.new_cache(self.max_context)
+        return self._caches[slot]
+
+    def prefill(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
+        cache = self._cache(slot)
+        cache.reset()
+        return self.engine.forward(np.asarray(tokens), cache, last_only=True)[0]
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        rows = [
+            self.engine.forward(np.array([t]), self._cache(s))[0]
+            for s, t in zip(slots, tokens, strict=True)
+        ]
+        return np.stack(rows)
+
+    def release(self, slot: int) -> None:
+        self._cache(slot).reset()
+
+
+class StopText:
+    """Push-style text of a token stream, cut before the first stop string.
+
+    The same rules as `engine.generate.stream_text`: text that could begin a stop string is
+    held back until it cannot, so no part of a stop string is ever sent.
+    """
+
+    def __init__(self, decoder: IncrementalDecoder, stops: Sequence[str]) -> None:
+        self.decoder, self.stops = decoder, [s for s in stops if s]
+        self.text, self.sent = "", 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(new text to send, whether a stop string was reached)."""
+        self.text += self.decoder.push(token)
+        return self._emit(final=False)
+
+    def flush(self) -> tuple[str, bool]:
+        """The held-back rest at the end of the stream."""
+        self.text += self.decoder.flush()
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> tuple[str, bool]:
+        cut = _first_stop(self.text, self.stops, self.sent)
+        end = cut if cut >= 0 else len(self.text)
+        if cut < 0 and not final:
+            end -= _held_back(self.text, self.stops)
+        delta = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta, cut >= 0
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence samples and when it ends."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class Event:
+    """What one worker turn produced for a sequence: new text, and the reason when it ended."""
+
+    seq: Generation
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Generation:
+    """One sequence to generate: its prompt, parameters, progress and where events go.
+
+    `on_event` is called from the worker thread; it must be quick and thread-safe (the server
+    hands the event over to its event loop).
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    tokenizer: Tokenizer
+    stop_ids: frozenset[int]
+    on_event: Callable[[Event], None]
+    index: int = 0  # the choice index in the response
+    rng_key: tuple[int, ...] = ()  # extra seed words: choice i of a seeded request
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    slot: int | None = None
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    _last: int = -1
+    _history: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        seed = self.params.seed
+        key = None if seed is None else [seed, *self.rng_key] if self.rng_key else seed
+        self.rng = np.random.default_rng(key)
+        decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens=True)
+        for token in self.prompt_ids[-4:]:  # context, so the first new token's leading space shows
+            decoder.push(token)
+        self.text = StopText(decoder, self.params.stop)
+        if self.params.repetition_penalty != 1.0:
+            self._history = list(self.prompt_ids)
+
+
+class Batcher:
+    """The scheduler: a bounded wait queue, the backend's slots, and the worker thread."""
+
+    def __init__(self, backend: DecodeBackend, max_waiting: int = 64) -> None:
+        self.backend = backend
+        self.max_waiting = max_waiting
+        self._waiting: deque[Generation] = deque()
+        self._active: dict[int, Generation] = {}
+        self._free = list(range(backend.num_slots - 1, -1, -1))  # pop() gives slot 0 first
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.steps = 0  # decode steps run
+        self.generated_tokens = 0
+        self.step_sequences = 0  # sequences summed over decode steps (mean batch = this / steps)
+        self._thread = threading.Thread(target=self._loop, name="bitnet158-batcher", daemon=True)
+        self._thread.start()
+
+    # --- the server's side --------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def submit(self, generations: Sequence[Generation]) -> None:
+        """Queue all of `generations` (the choices of one request) or none: QueueFull."""
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the batcher has been closed")
+            if len(self._waiting) + len(generations) > self.max_waiting:
+                raise QueueFull(
+                    f"{len(self._waiting)} sequences are waiting (bound {self.max_waiting})"
+                )
+            self._waiting.extend(generations)
+            self._cond.notify()
+
+    def cancel(self, generation: Generation) -> None:
+        """Stop `generation`; its slot is free before the next decode step."""
+        with self._cond:
+            if generation.finish_reason is None:
+                generation.cancelled = True
+                self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker after its current step; unfinished sequences end as cancelled."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # --- the worker thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._active):
+                    self._cond.wait()
+                if self._stopping:
+                    for gen in [*self._waiting, *self._active.values()]:
+                        self._finish(gen, "cancelled")
+                    self._waiting.clear()
+                    return
+                self._drop_cancelled()
+                admitted = []
+                while self._waiting and self._free:
+                    gen = self._waiting.popleft()
+                    gen.slot = self._free.pop()
+                    self._active[gen.slot] = gen
+                    admitted.append(gen)
+                running = [g for g in self._active.values() if g not in admitted]
+            for gen in admitted:
+                self._run(self._prefill, [gen])
+            if running:
+                self._run(self._decode, running)
+
+    def _drop_cancelled(self) -> None:
+        """(lock held) Finish cancelled sequences, waiting or active, and free their slots."""
+        for gen in [g for g in self._waiting if g.cancelled]:
+            self._waiting.remove(gen)
+            self._finish(gen, "cancelled")
+        for gen in [g for g in self._active.values() if g.cancelled]:
+            self._finish(gen, "cancelled")
+
+    def _run(self, step: Callable[[list[Generation]], None], gens: list[Generation]) -> None:
+        """Run a step; an exception ends only the sequences it was for, never the worker."""
+        try:
+            step(gens)
+        except Exception as exc:  # noqa: BLE001 - reported to the requests, worker goes on
+            with self._cond:
+                for gen in gens:
+                    if gen.finish_reason is None:
+                        self._finish(gen, "error", f"{type(exc).__name__}: {exc}")
+
+    def _prefill(self, gens: list[Generation]) -> None:
+        (gen,) = gens
+        logits = self.backend.prefill(gen.slot, gen.prompt_ids)
+        self._advance(gen, logits)
+
+    def _decode(self, gens: list[Generation]) -> None:
+        logits = self.backend.decode([g.slot for g in gens], [g._last for g in gens])
+        self.steps += 1
+        self.step_sequences += len(gens)
+        for gen, row in zip(gens, logits, strict=True):
+            self._advance(gen, row)
+
+    def _advance(self, gen: Generation, logits: np.ndarray) -> None:
+        """Sample the next token of `gen`, send its text, and end it if it is done."""
+        if gen.cancelled:
+            with self._cond:
+                self._finish(gen, "cancelled")
+            return
+        p = gen.params
+        token = sample(logits, gen.rng, p.temperature, p.top_k, p.top_p,
+                       p.repetition_penalty, gen._history)  # fmt: skip
+        if token in gen.stop_ids:
+            delta, _ = gen.text.flush()
+            return self._end(gen, "stop", delta)
+        gen._last = token
+        gen.completion_tokens += 1
+        self.generated_tokens += 1
+        if p.repetition_penalty != 1.0:
+            gen._history.append(token)
+        delta, stopped = gen.text.push(token)
+        if stopped:
+            return self._end(gen, "stop", delta)
+        # The cache holds prompt + completion - 1 tokens: one more token fits only below max.
+        full = len(gen.prompt_ids) + gen.completion_tokens - 1 >= self.backend.max_context
+        if gen.completion_tokens >= p.max_tokens or full:
+            rest, stopped = gen.text.flush()
+            return self._end(gen, "stop" if stopped else "length", delta + rest)
+        if delta:
+            gen.on_event(Event(gen, delta))
+
+    def _end(self, gen: Generation, reason: str, delta: str) -> None:
+        with self._cond:
+            self._finish(gen, reason, text=delta)
+
+    def _finish(self, gen: Generation, reason: str, error: str | None = None, text: str = ""):
+        """(lock held) Record the end of `gen`, free its slot, and tell its owner."""
+        gen.finish_reason = reason
+        if gen.slot is not None and self._active.get(gen.slot) is gen:
+            del self._active[gen.slot]
+            self.backend.release(gen.slot)
+            self._free.append(gen.slot)
+        gen.slot = None
+        gen.on_event(Event(gen, text, reason, error))
