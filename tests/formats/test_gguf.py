@@ -291,6 +291,8 @@ def test_tokenizer_rebuilt_from_gguf_encodes_like_the_original(tmp_path, llama3)
         assert rebuilt.decode(want, skip_special_tokens=False) == original.decode(
             want, skip_special_tokens=False
         )
+        # like llama.cpp with tokenizer.ggml.add_bos_token, special tokens mean a leading BOS
+        assert rebuilt.encode(sample).ids == [0, *want]
 
 
 def test_tokenizer_with_a_normalizer_is_refused(tmp_path):

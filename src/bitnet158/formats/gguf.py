@@ -560,7 +560,7 @@ def tokenizer_json_from_gguf(f: GGUFFile) -> str:
         "added_tokens": added,
         "normalizer": None,
         "pre_tokenizer": _pre_tokenizer_json(pre, str(f.path)),
-        "post_processor": None,
+        "post_processor": _bos_post_processor(f, tokens),
         "decoder": {
             "type": "ByteLevel",
             "add_prefix_space": True,
@@ -588,6 +588,27 @@ def tokenizer_json_from_gguf(f: GGUFFile) -> str:
     except Exception as exc:  # tokenizers raises bare Exceptions
         raise FormatError(f"{f.path}: the GGUF tokenizer cannot be rebuilt ({exc})") from None
     return text
+
+
+def _bos_post_processor(f: GGUFFile, tokens: list[str]) -> dict | None:
+    """Prepend BOS on encode(add_special_tokens=True) when llama.cpp would (add_bos_token)."""
+    bos = f.metadata.get("tokenizer.ggml.bos_token_id")
+    if not f.metadata.get("tokenizer.ggml.add_bos_token") or bos is None or bos >= len(tokens):
+        return None
+    bos = int(bos)
+    special = {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}
+    first = {"SpecialToken": {"id": tokens[bos], "type_id": 0}}
+    return {
+        "type": "TemplateProcessing",
+        "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            first,
+            {"Sequence": {"id": "A", "type_id": 0}},
+            first,
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],  # fmt: skip
+        "special_tokens": special,
+    }
 
 
 @dataclass
