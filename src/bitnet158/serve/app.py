@@ -30,11 +30,11 @@ from ..errors import BitNetError
 from .batching import (
     Batcher,
     DecodeBackend,
+    EngineBackend,
     Event,
     Generation,
     QueueFull,
     SamplingParams,
-    SequentialBackend,
 )
 from .metrics import Metrics
 from .schema import APIError, ChatRequest, CompletionRequest, parse
@@ -54,11 +54,6 @@ class Limits:
     slots: int = 16  # sequences decoded together (the batch size)
 
 
-def default_backend(model: Model, slots: int) -> DecodeBackend:
-    """The engine's batched decode where it has one, else one forward per sequence."""
-    return SequentialBackend(model.engine, slots, model.max_context)
-
-
 def create_app(
     model: Model,
     model_name: str | None = None,
@@ -68,7 +63,10 @@ def create_app(
     """The FastAPI application serving `model` under `model_name` (default: the file's stem)."""
     limits = limits or Limits()
     name = model_name or model.path.stem
-    batcher = Batcher(backend or default_backend(model, limits.slots), limits.max_waiting)
+    backend = backend or EngineBackend(
+        model.engine, limits.slots, model.max_context, model.kv_cache_dtype
+    )
+    batcher = Batcher(backend, limits.max_waiting)
     metrics = Metrics()
     metrics.gauges.update(
         queue_depth=("Sequences waiting for a batch slot.", lambda: batcher.waiting),

@@ -8,9 +8,8 @@ string, max_tokens, context full) or when cancelled; a new one takes its slot at
 waiting for the rest of the batch (Orca-style iteration-level scheduling).
 
 The backend is the only contract with the engine: prefill one sequence into a slot, decode
-one token for a list of slots -> logits [B, V]. `SequentialBackend` runs today's
-`EngineModel.forward` once per sequence (correct, not faster than one client); a batched
-native step implements the same three methods.
+one token for a list of slots -> logits [B, V]. `EngineBackend` maps it onto the native
+engine's slotted KV cache and batched decode step; tests drive the scheduler with fakes.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from typing import Protocol
 import numpy as np
 
 from ..engine.generate import _first_stop, _held_back
-from ..engine.kv_cache import KVCache
 from ..engine.model import EngineModel
 from ..engine.sampling import sample
 from ..formats.tokenizer import IncrementalDecoder, Tokenizer
@@ -54,32 +52,26 @@ class DecodeBackend(Protocol):
         ...
 
 
-class SequentialBackend:
-    """`DecodeBackend` over `EngineModel.forward`, one sequence at a time (no batching gain)."""
+class EngineBackend:
+    """`DecodeBackend` over the native engine: one slotted KV cache, a decode step is one GEMM
+    over the active sequences (weights read once per step, not once per sequence)."""
 
-    def __init__(self, engine: EngineModel, num_slots: int, max_context: int) -> None:
+    def __init__(
+        self, engine: EngineModel, num_slots: int, max_context: int, kv_dtype: str = "float32"
+    ) -> None:
         self.engine, self.num_slots, self.max_context = engine, num_slots, max_context
-        self._caches: dict[int, KVCache] = {}  # made on first use: most servers never fill all
-
-    def _cache(self, slot: int) -> KVCache:
-        if slot not in self._caches:
-            self._caches[slot] = self.engine.new_cache(self.max_context)
-        return self._caches[slot]
+        # calloc'd: the pages of a slot cost memory only once a sequence has used them
+        self.cache = engine.new_cache(max_context, kv_dtype, slots=num_slots)
 
     def prefill(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
-        cache = self._cache(slot)
-        cache.reset()
-        return self.engine.forward(np.asarray(tokens), cache, last_only=True)[0]
+        self.cache.reset(slot)
+        return self.engine.forward(np.asarray(tokens), self.cache, last_only=True, slot=slot)[0]
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        rows = [
-            self.engine.forward(np.array([t]), self._cache(s))[0]
-            for s, t in zip(slots, tokens, strict=True)
-        ]
-        return np.stack(rows)
+        return self.engine.decode(tokens, self.cache, slots)
 
     def release(self, slot: int) -> None:
-        self._cache(slot).reset()
+        self.cache.reset(slot)
 
 
 class StopText:

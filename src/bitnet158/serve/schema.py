@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
 MAX_STOP_LENGTH = 256  # characters per stop string
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 class APIError(Exception):
@@ -155,13 +156,17 @@ class ChatRequest(_Request):
     def _check_chat(self):
         if self.max_completion_tokens is not None:  # the newer name of max_tokens
             self.max_tokens = self.max_completion_tokens
-        for message in self.messages:
+        for i, message in enumerate(self.messages):
+            if message.role not in ROLES:
+                raise ValueError(
+                    f"messages[{i}].role: {message.role!r} is not one of {', '.join(ROLES)}"
+                )
             message.text()
         return self
 
     def conversation(self) -> list[dict[str, str]]:
-        """Role/content dicts for the chat template."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        """Role/content dicts for the chat template ("developer" is the newer "system")."""
+        return [{"role": ROLES[m.role], "content": m.text()} for m in self.messages]
 
 
 def _is_type_name(name: str) -> bool:
