@@ -323,9 +323,11 @@ def _value(v) -> tuple[int, bytes]:
         return 6, struct.pack("<f", v)
     if isinstance(v, str):
         return 8, _string(v)
-    if isinstance(v, list):  # arrays of str or int32
+    if isinstance(v, list):  # arrays of str, float32 or int32
         if v and isinstance(v[0], str):
             return 9, struct.pack("<IQ", 8, len(v)) + b"".join(_string(s) for s in v)
+        if v and isinstance(v[0], float):
+            return 9, struct.pack("<IQ", 6, len(v)) + np.asarray(v, dtype="<f4").tobytes()
         return 9, struct.pack("<IQ", 5, len(v)) + np.asarray(v, dtype="<i4").tobytes()
     raise TypeError(v)
 
@@ -348,14 +350,25 @@ def write_raw_gguf(path, metadata: dict, tensors: list[tuple[str, tuple, int, by
     path.write_bytes(bytes(out))
 
 
-def bitnet_cpp_file(path, cfg, tensors, tokenizer=GPT2_TOKENIZER, arch="bitnet-b1.58", proj=None):
-    """A bitnet.cpp-style GGUF (2B-4T layout): I2_S projections, F16 embedding, arch metadata.
-
-    `proj(codes, scale) -> (ggml type, bytes)` overrides how projections are stored.
-    """
+def gpt2_vocab_meta(tokenizer: str, vocab_size: int) -> dict:
     from bitnet158.formats.gguf import vocab_from_tokenizer_json
 
-    vocab = vocab_from_tokenizer_json(tokenizer, cfg.vocab_size)
+    vocab = vocab_from_tokenizer_json(tokenizer, vocab_size)
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": vocab.pre,
+        "tokenizer.ggml.tokens": vocab.tokens,
+        "tokenizer.ggml.token_type": vocab.types,
+        "tokenizer.ggml.merges": vocab.merges,
+    }
+
+
+def bitnet_cpp_file(path, cfg, tensors, arch="bitnet-b1.58", proj=None, vocab_meta=None):
+    """A bitnet.cpp-style GGUF (2B-4T layout): I2_S projections, F16 embedding, arch metadata.
+
+    `proj(codes, scale) -> (ggml type, bytes)` overrides how projections are stored;
+    `vocab_meta` the tokenizer.ggml.* keys (default: the GPT-2 style test tokenizer).
+    """
     a = arch + "."
     meta = {
         "general.architecture": arch,
@@ -372,11 +385,7 @@ def bitnet_cpp_file(path, cfg, tensors, tokenizer=GPT2_TOKENIZER, arch="bitnet-b
         a + "attention.layer_norm_rms_epsilon": cfg.rms_norm_eps,
         a + "rope.freq_base": cfg.rope_theta,
         "general.file_type": 40,
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": vocab.pre,
-        "tokenizer.ggml.tokens": vocab.tokens,
-        "tokenizer.ggml.token_type": vocab.types,
-        "tokenizer.ggml.merges": vocab.merges,
+        **(vocab_meta or gpt2_vocab_meta(GPT2_TOKENIZER, cfg.vocab_size)),
         "tokenizer.ggml.bos_token_id": cfg.bos_token_id,
         "tokenizer.ggml.eos_token_id": cfg.eos_token_ids[0],
         "tokenizer.ggml.eot_token_id": cfg.eos_token_ids[-1],
@@ -590,3 +599,87 @@ def test_reading_gguf_needs_no_torch(good_gguf):
         [sys.executable, "-c", code, str(good_gguf)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- SentencePiece (tokenizer.ggml.model = "llama": Llama 2, 1bitLLM) -----------------------------
+
+
+def train_sentencepiece():
+    """A SentencePiece BPE model with byte fallback, trained like Llama 2's (the reference)."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=420, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=["<|eot_id|>"], normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    return spm.SentencePieceProcessor(model_proto=buf.getvalue())
+
+
+def spm_vocab_meta(sp) -> dict:
+    """tokenizer.ggml.* of a SentencePiece model, as llama.cpp's converter writes them."""
+    n = sp.get_piece_size()
+
+    def kind(i):
+        if sp.is_unknown(i):
+            return 2
+        if sp.is_control(i):
+            return 3
+        if sp.is_byte(i):
+            return 6
+        return 4 if sp.id_to_piece(i) == "<|eot_id|>" else 1
+
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
+        "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
+    }
+
+
+SPM_SAMPLES = [s for s in SAMPLES if "<|" not in s] + CORPUS[:3]
+
+
+def tq2_0(codes, scale):
+    from bitnet158.packing import pack_tq2_0
+
+    return 35, pack_tq2_0(codes, scale).tobytes()
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(tmp_path_factory):
+    """(sentencepiece processor, a GGUF file whose vocabulary is that model's)."""
+    sp = train_sentencepiece()
+    cfg = make_config(vocab_size=sp.get_piece_size(), bos_token_id=1, eos_token_ids=[2])
+    path = tmp_path_factory.mktemp("spm") / "spm.gguf"
+    bitnet_cpp_file(path, cfg, random_tensors(cfg), "bitnet", tq2_0, spm_vocab_meta(sp))
+    return sp, path
+
+
+def test_sentencepiece_vocab_rebuilt_encodes_like_sentencepiece(spm_gguf):
+    sp, path = spm_gguf
+    rebuilt = Tokenizer.from_str(load_gguf(path).tokenizer_json)
+    for sample in SPM_SAMPLES:
+        want = sp.encode(sample)
+        assert rebuilt.encode(sample, add_special_tokens=False).ids == want, sample
+        assert rebuilt.decode(want) == sp.decode(want)
+    assert rebuilt.encode("ROMEO").ids[0] == 1  # add BOS, as llama.cpp does
+
+
+def test_sentencepiece_vocab_written_back(tmp_path, spm_gguf):
+    """Our SentencePiece-style tokenizer.json -> GGUF 'llama' vocab -> the same encodings."""
+    sp, path = spm_gguf
+    ckpt = load_gguf(path)
+    tensors = unpack_tensors(ckpt.config, ckpt.tensors)
+    write_gguf(tmp_path / "again.gguf", ckpt, tensors)
+    fields = reader_fields(tmp_path / "again.gguf")
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"] is True
+    types = fields["tokenizer.ggml.token_type"]
+    assert (types[0], types[1], types[3], types[4]) == (2, 3, 4, 6)  # unk, control, user, byte
+    again = Tokenizer.from_str(load_gguf(tmp_path / "again.gguf").tokenizer_json)
+    for sample in SPM_SAMPLES:
+        assert again.encode(sample, add_special_tokens=False).ids == sp.encode(sample), sample

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_gguf import GPT2_TOKENIZER, SAMPLES, TEMPLATE, make_config, random_tensors
+from test_gguf import (  # noqa: F401 (spm_gguf is a fixture)
+    GPT2_TOKENIZER,
+    SAMPLES,
+    SPM_SAMPLES,
+    TEMPLATE,
+    make_config,
+    random_tensors,
+    spm_gguf,
+)
 
 import bitnet158
-from bitnet158.formats.convert import SHIPPED_PATH, convert
-from bitnet158.formats.native import save_native
+from bitnet158.formats.convert import SHIPPED_PATH, convert, read_checkpoint
+from bitnet158.formats.gguf import write_gguf
+from bitnet158.formats.native import save_native, unpack_tensors
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
@@ -97,6 +106,16 @@ def test_random_model_runs_in_llama_cpp(tmp_path, ttype):
     for text in SAMPLES[:5]:  # llama.cpp's tokenizer from our metadata = our tokenizer
         want = ours.tokenizer.encode(text, add_bos=True)
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == want, text
+
+
+def test_sentencepiece_vocab_tokenizes_in_llama_cpp_like_sentencepiece(tmp_path, spm_gguf):  # noqa: F811
+    """A 1bitLLM-style vocabulary as we write it: llama.cpp tokenizes as SentencePiece does."""
+    sp, path = spm_gguf
+    ckpt = read_checkpoint(path)
+    write_gguf(tmp_path / "m.gguf", ckpt, unpack_tensors(ckpt.config, ckpt.tensors))
+    llm = llama(tmp_path / "m.gguf")
+    for text in SPM_SAMPLES:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1, *sp.encode(text)]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,11 @@ in gguf-py 0.19 and in microsoft/BitNet's converters):
   we read them as relu2 whatever the fork's graph does (microsoft/BitNet #588).
 - Tensor shapes in GGUF list ne[0] (the row length) first: [K, N] for a [N, K] matrix.
 
+Tokenizers travel as `tokenizer.ggml.*`: byte-level BPE as model `gpt2` with its merges and
+llama.cpp's pre-tokenizer name (`gpt-2`, or `llama-bpe` for Llama 3's regex), SentencePiece
+BPE with byte fallback (Llama 2, 1bitLLM) as model `llama` with piece scores; both are rebuilt
+as `tokenizers` tokenizer.json on reading.
+
 The reader is our own (no gguf package at run time): it bounds-checks every offset, so a
 truncated or corrupt file is a FormatError naming the file, never a crash. The writer uses
 gguf-py's GGUFWriter (`pip install bitnet158[gguf]`).
@@ -113,6 +118,7 @@ LLAMA3_REGEX = (
     "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
 GPT2_PRES = ("gpt-2", "default")
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
 LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
 
 
@@ -513,73 +519,132 @@ def _pre_tokenizer_json(pre: str, where: str) -> dict:
     )
 
 
+def _added_token(i: int, content: str, special: bool) -> dict:
+    return {
+        "id": i,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": not special,
+        "special": special,
+    }
+
+
+def _bpe_model(vocab: dict[str, int], merges: list[list[str]], **fields) -> dict:
+    return {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": False,
+        "byte_fallback": False,
+        "ignore_merges": False,
+        "vocab": vocab,
+        "merges": merges,
+        **fields,
+    }
+
+
+def _spm_merges(tokens: list[str], scores: np.ndarray, types: list[int], vocab: dict) -> list:
+    """BPE merges that reproduce SentencePiece-BPE / llama.cpp's SPM tokenizer.
+
+    That tokenizer repeatedly joins the adjacent pair whose concatenation is the vocabulary
+    piece of highest score; a BPE model does the same when every split (a, b) of a piece is a
+    merge ranked by the piece's score (ties: lower id first).
+    """
+    ranked = []
+    for i, (piece, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind not in (TOKEN_NORMAL, TOKEN_USER_DEFINED) or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            a, b = piece[:cut], piece[cut:]
+            if a in vocab and b in vocab:
+                ranked.append((-float(scores[i]), i, cut, a, b))
+    ranked.sort()
+    return [[a, b] for *_, a, b in ranked]
+
+
 def tokenizer_json_from_gguf(f: GGUFFile) -> str:
-    """A tokenizers `tokenizer.json` rebuilt from `tokenizer.ggml.*` (byte-level BPE models)."""
+    """A tokenizers `tokenizer.json` rebuilt from `tokenizer.ggml.*`.
+
+    Byte-level BPE (`gpt2`: GPT-2 and Llama 3 pre-tokenizers) and SentencePiece BPE with byte
+    fallback (`llama`: Llama 2, 1bitLLM) vocabularies.
+    """
     model = f.metadata.get("tokenizer.ggml.model")
-    if model != "gpt2":
+    if model not in ("gpt2", "llama"):
         raise FormatError(
             f"{f.path}: GGUF tokenizer model {model!r} is not supported (bitnet158 rebuilds "
-            "byte-level BPE tokenizers, tokenizer.ggml.model = 'gpt2')"
+            "'gpt2' byte-level BPE and 'llama' SentencePiece vocabularies)"
         )
     tokens = f.metadata.get("tokenizer.ggml.tokens")
-    merges = f.metadata.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not isinstance(merges, list):
-        raise FormatError(f"{f.path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise FormatError(f"{f.path}: tokenizer.ggml.tokens is missing")
     types = f.metadata.get("tokenizer.ggml.token_type")
     types = np.full(len(tokens), TOKEN_NORMAL) if types is None else np.asarray(types)
     if types.shape != (len(tokens),):
         raise FormatError(f"{f.path}: tokenizer.ggml.token_type does not match the tokens")
-    pre = f.metadata.get("tokenizer.ggml.pre", "default")
+    types = types.tolist()
     vocab: dict[str, int] = {}
     added = []
-    for i, (tok, kind) in enumerate(zip(tokens, types.tolist(), strict=True)):
+    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)):
         if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
-            added.append(
-                {
-                    "id": i,
-                    "content": tok,
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": kind == TOKEN_USER_DEFINED,
-                    "special": kind == TOKEN_CONTROL,
-                }
-            )
+            added.append(_added_token(i, tok, special=kind == TOKEN_CONTROL))
         if kind != TOKEN_UNUSED:
             vocab.setdefault(tok, i)
-    pairs = []
-    for m in merges:
-        a, sep, b = m.partition(" ")
-        if not sep or a not in vocab or b not in vocab:
-            raise FormatError(f"{f.path}: tokenizer merge {m!r} does not join two tokens")
-        pairs.append([a, b])
-    spec = {
+    spec: dict[str, Any] = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": added,
         "normalizer": None,
-        "pre_tokenizer": _pre_tokenizer_json(pre, str(f.path)),
+        "pre_tokenizer": None,
         "post_processor": _bos_post_processor(f, tokens),
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": True,
-            "use_regex": True,
-        },  # fmt: skip
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": pre in LLAMA3_PRES,  # as llama.cpp and Llama 3's tokenizer.json
-            "vocab": vocab,
-            "merges": pairs,
-        },
     }
+    if model == "gpt2":
+        merges = f.metadata.get("tokenizer.ggml.merges")
+        if not isinstance(merges, list):
+            raise FormatError(f"{f.path}: tokenizer.ggml.merges is missing")
+        pairs = []
+        for m in merges:
+            a, sep, b = m.partition(" ")
+            if not sep or a not in vocab or b not in vocab:
+                raise FormatError(f"{f.path}: tokenizer merge {m!r} does not join two tokens")
+            pairs.append([a, b])
+        pre = f.metadata.get("tokenizer.ggml.pre", "default")
+        spec["pre_tokenizer"] = _pre_tokenizer_json(pre, str(f.path))
+        spec["decoder"] = _byte_level(True)
+        # Llama 3's tokenizer.json ignores merges for whole-vocabulary words, as llama.cpp does
+        spec["model"] = _bpe_model(vocab, pairs, ignore_merges=pre in LLAMA3_PRES)
+    else:
+        scores = f.metadata.get("tokenizer.ggml.scores")
+        if scores is None or np.shape(scores) != (len(tokens),):
+            raise FormatError(f"{f.path}: tokenizer.ggml.scores is missing or the wrong size")
+        unknown = [t for t, k in zip(tokens, types, strict=True) if k == TOKEN_UNKNOWN]
+        # SentencePiece: spaces are "▁"; llama.cpp adds one before the text unless told not to
+        prefix = bool(f.metadata.get("tokenizer.ggml.add_space_prefix", True))
+        replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE}
+        prepend = [{"type": "Prepend", "prepend": SPM_SPACE}] if prefix else []
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [*prepend, replace]}
+        strip = [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else []
+        spec["decoder"] = {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": SPM_SPACE}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                *strip,
+            ],
+        }
+        merges = _spm_merges(tokens, np.asarray(scores), types, vocab)
+        spec["model"] = _bpe_model(
+            vocab,
+            merges,
+            unk_token=unknown[0] if unknown else None,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
     text = json.dumps(spec, ensure_ascii=False)
     try:
         import tokenizers
@@ -615,27 +680,32 @@ def _bos_post_processor(f: GGUFFile, tokens: list[str]) -> dict | None:
 class GGUFVocab:
     """What `tokenizer.ggml.*` needs, taken from a tokenizer.json."""
 
-    pre: str
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece BPE)
     tokens: list[str]
     types: list[int]
-    merges: list[str]
+    merges: list[str]  # gpt2 only
+    pre: str | None = None  # gpt2 only
+    scores: list[float] | None = None  # llama only
+    add_space_prefix: bool = True  # llama only
 
 
 def vocab_from_tokenizer_json(text: str, vocab_size: int) -> GGUFVocab:
-    """Byte-level BPE tokenizer.json -> GGUF vocabulary (llama.cpp model 'gpt2')."""
+    """A BPE tokenizer.json -> GGUF vocabulary: byte-level ('gpt2') or byte-fallback ('llama')."""
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
         raise FormatError(f"tokenizer.json is not valid JSON ({exc})") from None
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") != "BPE":
         raise FormatError(
-            "only byte-level BPE tokenizers can be written to GGUF by bitnet158 (this one is "
-            f"{model.get('type')!r}{' with byte fallback' if model.get('byte_fallback') else ''})"
+            f"only BPE tokenizers can be written to GGUF by bitnet158 (this one is "
+            f"{model.get('type')!r})"
         )
-    if spec.get("normalizer"):
-        raise FormatError("a tokenizer with a normalizer cannot be written as a GGUF 'gpt2' vocab")
-    pre = _pre_name(spec.get("pre_tokenizer"))
+    spm = bool(model.get("byte_fallback"))
+    if spm:
+        add_space_prefix = _spm_prefix(spec)
+    elif spec.get("normalizer"):
+        raise FormatError("a byte-level BPE tokenizer with a normalizer has no GGUF equivalent")
     tokens: list[str | None] = [None] * vocab_size
     for tok, i in model.get("vocab", {}).items():
         if 0 <= i < vocab_size:
@@ -649,8 +719,54 @@ def vocab_from_tokenizer_json(text: str, vocab_size: int) -> GGUFVocab:
     for i, tok in enumerate(tokens):
         if tok is None:  # ids the embedding has but the tokenizer never produces
             tokens[i], types[i] = f"[PAD{i}]", TOKEN_UNUSED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return GGUFVocab(pre, tokens, types, merges)  # type: ignore[arg-type]
+    pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    if not spm:
+        merges = [" ".join(pair) for pair in pairs]
+        return GGUFVocab("gpt2", tokens, types, merges, pre=_pre_name(spec.get("pre_tokenizer")))  # type: ignore[arg-type]
+    # SentencePiece BPE: byte pieces, the unknown piece, and scores that rank each merge's
+    # result by its merge order (llama.cpp joins the pair whose result scores highest)
+    ids = {tok: i for i, tok in enumerate(tokens)}
+    for i, tok in enumerate(tokens):
+        if types[i] == TOKEN_NORMAL and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):  # fmt: skip
+            types[i] = TOKEN_BYTE
+    if model.get("unk_token") in ids:
+        types[ids[model["unk_token"]]] = TOKEN_UNKNOWN
+    scores = [0.0] * vocab_size
+    ranked: set[int] = set()
+    for rank, (a, b) in enumerate(pairs):
+        i = ids.get(a + b)
+        if i is not None and i not in ranked:
+            scores[i] = -float(rank)
+            ranked.add(i)
+    return GGUFVocab("llama", tokens, types, [], scores=scores, add_space_prefix=add_space_prefix)  # type: ignore[arg-type]
+
+
+def _spm_prefix(spec: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json adds "▁" before the text, or FormatError.
+
+    Two spellings: transformers' legacy Llama (normalizer Prepend("▁") + Replace(" ", "▁"))
+    and the Metaspace pre-tokenizer (replacement "▁", prepend_scheme first/always/never).
+    """
+    norm = spec.get("normalizer") or {}
+    parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    kinds = [p.get("type") for p in parts if p]
+    replaces = any(
+        p.get("type") == "Replace"
+        and p.get("pattern", {}).get("String") == " "
+        and p.get("content") == SPM_SPACE
+        for p in parts
+    )
+    pre = spec.get("pre_tokenizer") or {}
+    if replaces and set(kinds) <= {"Prepend", "Replace"} and not pre:
+        return any(p.get("type") == "Prepend" and p.get("prepend") == SPM_SPACE for p in parts)
+    if not kinds and pre.get("type") == "Metaspace" and pre.get("replacement") == SPM_SPACE:
+        if pre.get("split", False):
+            raise FormatError("a Metaspace pre-tokenizer that splits words has no GGUF equivalent")
+        return pre.get("prepend_scheme", "always") != "never"
+    raise FormatError(
+        "this byte-fallback tokenizer's normalizer / pre-tokenizer is not SentencePiece's "
+        '(" " -> "▁", optionally a leading "▁"): no GGUF equivalent bitnet158 knows'
+    )
 
 
 def _pre_name(pre: dict | None) -> str:
@@ -795,11 +911,15 @@ def _write_metadata(w, gguf, cfg: ModelConfig, ckpt: NativeCheckpoint, vocab: GG
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
 
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(vocab.pre)
+    w.add_tokenizer_model(vocab.model)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
-    w.add_token_merges(vocab.merges)
+    if vocab.model == "gpt2":
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_merges(vocab.merges)
+    else:
+        w.add_token_scores(vocab.scores)
+        w.add_add_space_prefix(vocab.add_space_prefix)
     if cfg.bos_token_id is not None:
         w.add_bos_token_id(cfg.bos_token_id)
     w.add_add_bos_token(cfg.bos_token_id is not None)
