@@ -195,7 +195,9 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the batcher has been closed")
-            if len(self._waiting) + len(generations) > self.max_waiting:
+            # Sequences bound for a free slot are not queued for long: they do not count.
+            queued = len(self._waiting) + len(generations) - len(self._free)
+            if queued > self.max_waiting:
                 raise QueueFull(
                     f"{len(self._waiting)} sequences are waiting (bound {self.max_waiting})"
                 )
