@@ -363,7 +363,9 @@ def gpt2_vocab_meta(tokenizer: str, vocab_size: int) -> dict:
     }
 
 
-def bitnet_cpp_file(path, cfg, tensors, arch="bitnet-b1.58", proj=None, vocab_meta=None):
+def bitnet_cpp_file(
+    path, cfg, tensors, arch="bitnet-b1.58", proj=None, vocab_meta=None, extra=()
+):  # fmt: skip
     """A bitnet.cpp-style GGUF (2B-4T layout): I2_S projections, F16 embedding, arch metadata.
 
     `proj(codes, scale) -> (ggml type, bytes)` overrides how projections are stored;
@@ -409,7 +411,7 @@ def bitnet_cpp_file(path, cfg, tensors, arch="bitnet-b1.58", proj=None, vocab_me
             codes = tensors[f"layers.{i}.{ours}.codes"]
             ggml_type, data = proj(codes, tensors[f"layers.{i}.{ours}.scale"])
             items.append((f"blk.{i}.{theirs}.weight", codes.shape, ggml_type, data))
-    write_raw_gguf(path, meta, items)
+    write_raw_gguf(path, meta, items + list(extra))
     return path
 
 
@@ -525,6 +527,13 @@ def test_mismatched_shapes(tmp_path):
     bad = bitnet_cpp_file(tmp_path / "bad.gguf", wrong, tensors, arch="bitnet")
     read_checkpoint(path)
     _expect_error(bad, "blk.0.ffn_sub_norm.weight", "[512]", "expected [768]")
+
+
+def test_unexpected_tensor(tmp_path):
+    cfg = make_config()
+    extra = [("rope_freqs.weight", (32,), 0, np.ones(32, dtype="<f4").tobytes())]
+    bad = bitnet_cpp_file(tmp_path / "m.gguf", cfg, random_tensors(cfg), "bitnet", extra=extra)
+    _expect_error(bad, "unexpected tensor rope_freqs.weight")
 
 
 def test_non_ternary_values(tmp_path):

@@ -353,8 +353,9 @@ def _meta(f: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = .
         raise FormatError(f"{f.path}: metadata {key} is missing")
     if isinstance(value, np.generic):
         value = value.item()
-    wrong = not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)))  # fmt: skip
-    if value is not None and value is not default and wrong:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    wrong = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+    if value is not default and wrong:
         raise FormatError(f"{f.path}: metadata {key} = {value!r} has the wrong type")
     return value
 
@@ -422,10 +423,28 @@ def _expect(f: GGUFFile, name: str, shape: tuple[int, ...]) -> GGUFTensor:
     return t
 
 
+def _check_names(f: GGUFFile) -> None:
+    """Refuse tensors the bitnet graph does not have (a file of another model, or extras)."""
+    known = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    layer = {*PROJ_NAMES.values(), *NORM_NAMES.values()}
+    for name in f.tensors:
+        parts = name.split(".")
+        if name in known or (
+            len(parts) == 4
+            and parts[0] == "blk"
+            and parts[1].isdigit()
+            and parts[2] in layer
+            and parts[3] in ("weight", "scale")
+        ):
+            continue
+        raise FormatError(f"{f.path}: unexpected tensor {name} for a BitNet model")
+
+
 def gguf_tensors(
     f: GGUFFile, cfg: ModelConfig, progress: Callable[[Iterable], Iterable] | None = None
 ) -> dict[str, np.ndarray]:
     """The canonical tensors (`.codes` / `.scale`) of a bitnet GGUF file."""
+    _check_names(f)
     H, V = cfg.hidden_size, cfg.vocab_size
     out: dict[str, np.ndarray] = {
         "embed.weight": _embedding(f, _expect(f, "token_embd.weight", (V, H))),
@@ -455,17 +474,6 @@ def gguf_tensors(
                 beta = np.float32(beta * s[0])
             out[f"layers.{i}.{proj}.codes"] = codes
             out[f"layers.{i}.{proj}.scale"] = np.asarray(beta, dtype=np.float32)
-    known = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
-    for name in f.tensors:
-        parts = name.split(".")
-        if name in known or (
-            len(parts) == 4
-            and parts[0] == "blk"
-            and parts[2] in {*PROJ_NAMES.values(), *NORM_NAMES.values()}
-            and parts[3] in ("weight", "scale")
-        ):
-            continue
-        raise FormatError(f"{f.path}: unexpected tensor {name} for a BitNet model")
     return out
 
 
