@@ -157,6 +157,80 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve: the OpenAI-compatible HTTP server (bitnet158.serve) -------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.config import Limits
+
+    try:
+        from .serve.app import run_server
+    except ImportError as exc:
+        raise BitNetError(
+            f"serving needs the 'serve' extra ({exc.name} is missing): "
+            "pip install 'bitnet158[serve]'"
+        ) from None
+    from .api import load
+
+    model = load(args.model, threads=args.threads, max_context=args.max_context,
+                 lm_head=args.lm_head, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
+        max_n=args.max_n,
+        max_waiting=args.max_queue,
+        slots=args.slots,
+    )
+    print(f"serving {model.path} at http://{args.host}:{args.port}/ (chat page), "
+          f"OpenAI API under /v1", file=sys.stderr)  # fmt: skip
+    run_server(model, args.host, args.port, args.name, limits, args.log_level)
+    return 0
+
+
+def _add_serve_command(sub) -> None:
+    from .serve.config import Limits
+
+    d = Limits()
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, with a chat page",
+        description=(
+            "OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions "
+            '(streaming with "stream": true), /health, /metrics (Prometheus), and a chat page '
+            "at /. Concurrent requests are decoded together (continuous batching)."
+        ),
+    )
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"our .safetensors file, a Hugging Face checkpoint directory, or "
+                        f"'{SHIPPED}' (default)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--name", default=None, help="model id in the API (default: the file's stem)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--max-context", type=int, default=None, help="tokens per sequence (default: the model's)"
+    )
+    p.add_argument("--lm-head", choices=("exact", "int8"), default="exact",
+                   help="output layer: stored dtype, or int8 per row (faster)")  # fmt: skip
+    p.add_argument("--kv-cache-dtype", choices=("float32", "float16"), default="float32",
+                   help="KV cache precision (float16: half the memory)")  # fmt: skip
+    g = p.add_argument_group("limits")
+    g.add_argument("--slots", type=int, default=d.slots,
+                   help=f"sequences decoded together (default {d.slots})")  # fmt: skip
+    g.add_argument("--max-queue", type=int, default=d.max_waiting,
+                   help=f"sequences waiting for a slot before HTTP 429 (default "
+                        f"{d.max_waiting})")  # fmt: skip
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help=f"largest max_tokens a request may ask (default {d.max_tokens})")  # fmt: skip
+    g.add_argument("--max-n", type=int, default=d.max_n,
+                   help=f"choices per request (default {d.max_n})")  # fmt: skip
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help=f"largest request body (default {d.max_body_bytes})")  # fmt: skip
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"))  # fmt: skip
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitnet158",
@@ -225,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_convert)
+    _add_serve_command(sub)
     return parser
 
 

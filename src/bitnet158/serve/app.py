@@ -17,7 +17,6 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -36,22 +35,12 @@ from .batching import (
     QueueFull,
     SamplingParams,
 )
+from .config import Limits
 from .metrics import Metrics
 from .schema import APIError, ChatRequest, CompletionRequest, parse
 
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 DISCONNECT_POLL_SECONDS = 0.5  # how often a non-streaming request checks for its client
-
-
-@dataclass
-class Limits:
-    """What one request may ask for, and how much work the server takes on."""
-
-    max_body_bytes: int = 1 << 20
-    max_tokens: int = 2048  # per choice
-    max_n: int = 8  # choices per request (times prompts, for a list of prompts)
-    max_waiting: int = 64  # sequences queued for a batch slot; beyond: HTTP 429
-    slots: int = 16  # sequences decoded together (the batch size)
 
 
 def create_app(
@@ -433,20 +422,15 @@ class _Accounting:
 
 
 def run_server(
-    path: str | None = None,
+    model: Model,
     host: str = "127.0.0.1",
     port: int = 8000,
     model_name: str | None = None,
-    threads: int | None = None,
-    max_context: int | None = None,
     limits: Limits | None = None,
     log_level: str = "info",
 ) -> None:
-    """Load the model at `path` (None: the shipped one) and serve it until interrupted."""
+    """Serve `model` over HTTP until interrupted (Ctrl-C ends the open streams)."""
     import uvicorn
 
-    from ..api import load
-
-    model = load(path, threads=threads, max_context=max_context)
     app = create_app(model, model_name=model_name, limits=limits)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
