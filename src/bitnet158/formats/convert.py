@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FormatError
-from ..packing import pack_ours
+from ..packing import pack_ours, unpack_ours
 from .native import (
     NativeCheckpoint,
     load_native,
@@ -117,6 +117,33 @@ def read_checkpoint(
     return load_native(p)
 
 
+class LazyCanonical(Mapping):
+    """The canonical tensors of a packed checkpoint, each ternary matrix unpacked when read.
+
+    Writers go layer by layer; unpacking everything first would hold a 2B model's int8 codes
+    (2 GB) at once.
+    """
+
+    def __init__(self, config, packed: dict[str, np.ndarray]) -> None:
+        self.config, self.packed = config, packed
+        self.names = {
+            n.removesuffix(".packed") + ".codes" if n.endswith(".packed") else n: n for n in packed
+        }
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        stored = self.names[name]
+        if stored.endswith(".packed"):
+            n, k = projection_shapes(self.config)[name.rsplit(".", 2)[1]]
+            return unpack_ours(self.packed[stored], n, k)
+        return unpack_tensors(self.config, {stored: self.packed[stored]})[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def _pack_layers(config, tensors: dict, progress: Progress | None) -> dict:
     """Canonical tensors with every layer's `.codes` packed into our layout, layer by layer."""
     if progress is None:
@@ -158,12 +185,12 @@ def convert(
     elif to.startswith("gguf-"):
         from .gguf import write_gguf
 
-        canonical = unpack_tensors(ckpt.config, ckpt.tensors)
+        canonical = LazyCanonical(ckpt.config, ckpt.tensors)
         write_gguf(dst, ckpt, canonical, to.removeprefix("gguf-"), embedding_type, progress)
     else:
         from .hf_export import save_hf
 
-        canonical = unpack_tensors(ckpt.config, ckpt.tensors)
+        canonical = LazyCanonical(ckpt.config, ckpt.tensors)
         save_hf(dst, ckpt, canonical, latent=to == "hf-bf16", progress=progress)
     return {"path": str(dst), "from": kind, "to": to, **output_summary(dst, ckpt, to)}
 

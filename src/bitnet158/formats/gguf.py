@@ -36,7 +36,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -834,7 +834,7 @@ def check_exportable(cfg: ModelConfig, ternary_type: str = "tq2_0") -> None:
 def write_gguf(
     path: str | os.PathLike,
     ckpt: NativeCheckpoint,
-    tensors: dict[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray],
     ternary_type: str = "tq2_0",
     embedding_type: str = "f16",
     progress: Callable[[Iterable], Iterable] | None = None,

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -171,11 +171,12 @@ def _tokenizer_files(ckpt: NativeCheckpoint, cfg: ModelConfig, directory: Path) 
 
 def hf_tensors(
     cfg: ModelConfig,
-    tensors: dict[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray],
     latent: bool,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict[str, tuple[str, np.ndarray]]:
     """transformers-named tensors (dtype name, array) of canonical tensors."""
+
     def matrix(x: np.ndarray) -> tuple[str, np.ndarray]:
         """embed / lm_head: kept in their own dtype (BF16 for the bf16 form)."""
         x = np.asarray(x)
@@ -216,7 +217,7 @@ def hf_tensors(
 def save_hf(
     directory: str | os.PathLike,
     ckpt: NativeCheckpoint,
-    tensors: dict[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray],
     latent: bool = False,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> Path:
