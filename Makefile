@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 BUILD_DEPS := "scikit-build-core>=0.10" "nanobind>=2.0"
 
-.PHONY: run test install install-test lint shipped-model clean
+.PHONY: run test install install-test install-browser lint shipped-model clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,23 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-install-test: $(VENV)/.created
+install-test: $(VENV)/.created install-browser
 	$(PIP) install -q $(TORCH)
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q "$(LLAMA_CPP)"
 	$(PIP) install -q --no-build-isolation -e ".[test]"
+
+# Chromium and its WebDriver for the chat page's browser test (tests/serve/test_chat_page.py),
+# from Debian's packages, only when missing; as root or through sudo, without prompts. Where
+# there is no apt-get, that test is skipped.
+install-browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver; \
+	else echo "install-browser: no apt-get; install chromium and chromedriver by hand"; \
+	fi
 
 run: install
 	$(VENV)/bin/bitnet158 generate "ROMEO:" --max-new-tokens 120 --seed 0
