@@ -20,13 +20,13 @@ from bitnet158.config import ModelConfig
 from bitnet158.errors import FormatError
 from bitnet158.formats.convert import convert, read_checkpoint
 from bitnet158.formats.gguf import (
-    LLAMA3_REGEX,
     PROJ_NAMES,
     check_exportable,
     load_gguf,
     read_gguf,
     write_gguf,
 )
+from bitnet158.formats.gguf_vocab import LLAMA3_REGEX
 from bitnet158.formats.native import NativeCheckpoint, save_native, unpack_tensors
 from bitnet158.packing import pack_i2_s
 
@@ -351,7 +351,7 @@ def write_raw_gguf(path, metadata: dict, tensors: list[tuple[str, tuple, int, by
 
 
 def gpt2_vocab_meta(tokenizer: str, vocab_size: int) -> dict:
-    from bitnet158.formats.gguf import vocab_from_tokenizer_json
+    from bitnet158.formats.gguf_vocab import vocab_from_tokenizer_json
 
     vocab = vocab_from_tokenizer_json(tokenizer, vocab_size)
     return {
