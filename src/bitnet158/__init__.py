@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Model", "BitNet", "__version__"]
+__all__ = ["load", "Model", "BitNet", "quantize_model", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from .nn.pretrained import BitNet
 
         return BitNet
+    if name == "quantize_model":  # fp16 -> BitNet b1.58 conversion: needs torch as well
+        from .nn.convert import quantize_model
+
+        return quantize_model
     raise AttributeError(f"module 'bitnet158' has no attribute {name!r}")

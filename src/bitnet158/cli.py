@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -157,6 +158,466 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- training: tokenize, train, sft, dpo, quantize, export (bitnet158.train.commands) --------
+
+
+def _train_config(args: argparse.Namespace):
+    from .train.loop import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        lr_peak=args.lr,
+        lr_cooldown=args.lr_cooldown if args.lr_cooldown is not None else args.lr / 3,
+        lr_min=args.lr_min,
+        lr_stage1_floor=args.lr_stage1_floor,
+        warmup_steps=args.warmup if args.warmup is not None else max(1, args.steps // 10),
+        drop_at=args.drop_at,
+        wd_peak=args.wd,
+        grad_clip=args.clip,
+        grad_accum=args.grad_accum,
+        dtype=args.dtype,
+        strategy=args.strategy,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=not args.no_resume,
+        eval_every=args.eval_every or max(1, args.steps // 10),
+        log_every=args.log_every,
+        lambda_schedule=args.lambda_schedule,
+        lambda_warmup=args.lambda_warmup,
+        progress=not args.quiet,
+    )
+
+
+def _train_args(p: argparse.ArgumentParser, steps: int, batch: int, seq: int, lr: float,
+                wd: float, drop_at: float, floor: float, out: bool = True) -> None:  # fmt: skip
+    if out:
+        p.add_argument(
+            "--out", required=True, help="run directory: checkpoints, logs; re-run to resume"
+        )
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch,
+        help=f"global batch, rows per step over all processes (default {batch})",
+    )
+    g.add_argument("--seq-len", type=int, default=seq, help=f"tokens per row (default {seq})")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    g.add_argument(
+        "--lr-cooldown",
+        type=float,
+        default=None,
+        help="learning rate after the drop (default --lr / 3)",
+    )
+    g.add_argument("--lr-min", type=float, default=0.0, help="final learning rate (default 0)")
+    g.add_argument(
+        "--lr-stage1-floor",
+        type=float,
+        default=floor,
+        help=f"stage-1 cosine ends at lr * this (default {floor:g})",
+    )
+    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default steps/10)")
+    g.add_argument(
+        "--drop-at",
+        type=float,
+        default=drop_at,
+        help=f"fraction of the run where the LR drops and weight decay stops "
+        f"(default {drop_at:g}; 1 = one stage)",
+    )
+    g.add_argument("--wd", type=float, default=wd, help=f"peak weight decay (default {wd:g})")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0: off)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process and step")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "auto"),
+        default="float32",
+        help="bfloat16 autocast; auto = where the CPU has bf16 instructions",
+    )
+    g.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="data parallelism under torchrun (default ddp)",
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="steps between checkpoints (default: only at the end)",
+    )
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
+    g.add_argument("--log-every", type=int, default=25)
+    g.add_argument(
+        "--lambda-schedule",
+        choices=("constant", "linear", "min", "sigmoid"),
+        default="constant",
+        help="λ warm-up of the quantization (default constant = 1)",
+    )
+    g.add_argument(
+        "--lambda-warmup", type=int, default=1000, help="steps of the min/sigmoid λ warm-up"
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    if out:
+        p.add_argument(
+            "--export", default=None, help="at the end, write our packed .safetensors file"
+        )
+        p.add_argument(
+            "--export-hf", default=None, help="at the end, write a transformers directory"
+        )
+
+
+def _print_summary(args: argparse.Namespace, summary: dict) -> int:
+    from .train.distributed import current
+
+    if current().is_main:
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            for key, value in summary.items():
+                print(f"{key}: {value}")
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from .train.commands import tokenize
+
+    stats = tokenize(args.files, args.out, args.tokenizer, field=args.field,
+                     shard_tokens=args.shard_tokens, progress=not args.quiet)  # fmt: skip
+    print(f"wrote {args.out}: {stats.tokens:,} tokens from {stats.documents:,} documents in "
+          f"{stats.shards} shard(s); skipped {stats.skipped_empty} empty document(s)")  # fmt: skip
+    return 0
+
+
+def _model_config(args: argparse.Namespace, vocab_size: int | None):
+    from .config import ModelConfig
+
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            return ModelConfig.from_json(f.read())
+    heads = args.heads or max(1, args.hidden // 64)
+    return ModelConfig(
+        vocab_size=args.vocab_size or vocab_size, hidden_size=args.hidden,
+        intermediate_size=args.intermediate or (args.hidden * 8 // 3 + 63) // 64 * 64,
+        num_layers=args.layers, num_heads=heads, num_kv_heads=args.kv_heads or heads,
+        family=args.family, hidden_act="relu2" if args.family == "bitnet-2b4t" else "silu",
+        max_position_embeddings=max(args.seq_len, 1024),
+    )  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.commands import read_tokenizer, run_pretraining
+    from .train.distributed import init_distributed
+
+    tcfg = _train_config(args)
+    if args.plot_schedule:
+        from .train.schedules import plot_schedules
+
+        lam = tcfg.lambda_sched() if args.lambda_schedule != "constant" else None
+        plot_schedules(tcfg.schedule(), args.plot_schedule, lam)
+        print(f"wrote {args.plot_schedule}")
+        if not args.data:
+            return 0
+    if not args.data or not args.out:
+        raise ValueError("train needs --data and --out (or only --plot-schedule)")
+    init_distributed()
+    model_config = None
+    if args.init is None:
+        import tokenizers
+
+        tok = args.tokenizer
+        if (
+            tok is None
+            and len(args.data) == 1
+            and os.path.isfile(os.path.join(args.data[0], "tokenizer.json"))
+        ):
+            tok = args.data[0]
+        vocab = tokenizers.Tokenizer.from_str(read_tokenizer(tok)[0]).get_vocab_size()
+        model_config = _model_config(args, vocab)
+    summary = run_pretraining(
+        args.data, args.out, tcfg, model_config=model_config, init=args.init,
+        tokenizer=args.tokenizer, val_data=args.val_data, val_tokens=args.val_tokens,
+        ternary=not args.fp, export=args.export, export_hf_dir=args.export_hf,
+    )  # fmt: skip
+    return _print_summary(args, summary)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .train.commands import run_sft
+    from .train.distributed import init_distributed
+
+    init_distributed()
+    summary = run_sft(args.model, args.data, args.out, _train_config(args),
+                      reduction=args.loss_reduction, packing=not args.no_packing,
+                      export=args.export, export_hf_dir=args.export_hf)  # fmt: skip
+    return _print_summary(args, summary)
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from .train.commands import run_dpo
+    from .train.distributed import init_distributed
+
+    init_distributed()
+    summary = run_dpo(args.model, args.data, args.out, _train_config(args), beta=args.beta,
+                      ref_model=args.ref_model, export=args.export,
+                      export_hf_dir=args.export_hf)  # fmt: skip
+    return _print_summary(args, summary)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .train.commands import run_quantize
+
+    tcfg = _train_config(args) if args.data else None
+    summary = run_quantize(args.src, args.dst, tcfg, data=args.data, inner_norm=args.inner_norm,
+                           native=args.native)  # fmt: skip
+    return _print_summary(args, summary)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.commands import export_run
+
+    path = export_run(args.run, args.dst, hf=args.hf)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_training_commands(sub) -> None:
+    p = sub.add_parser(
+        "tokenize", help="tokenize text / JSON-lines files into token shards",
+        description="Tokenize text files (one document each) and JSON-lines files (one document "
+        "per line, field --field) into memory-mapped token shards for `bitnet158 train`.",
+    )  # fmt: skip
+    p.add_argument("files", nargs="+", help="text or .jsonl files")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help=f"tokenizer.json, or a model whose tokenizer to use (default: {SHIPPED}'s)",
+    )
+    p.add_argument("--field", default="text", help="JSON-lines field holding the text")
+    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser(
+        "train", help="pretrain a BitNet b1.58 model (torchrun for many processes)",
+        description="Pretrain with the BitNet b1.58 recipe: two-stage learning rate and weight "
+        "decay, AdamW, gradient clipping, atomic checkpoints (re-run to resume). Many processes: "
+        "torchrun --nproc_per_node N -m bitnet158.cli train ...",
+    )  # fmt: skip
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="a token directory (bitnet158 tokenize) or text / .jsonl files",
+    )
+    p.add_argument(
+        "--val-data", nargs="+", default=None, help="held-out data (default: the end of --data)"
+    )
+    p.add_argument(
+        "--val-tokens", type=int, default=65536, help="tokens held out when no --val-data"
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help=f"tokenizer (default: the data's, else {SHIPPED}'s)"
+    )
+    p.add_argument(
+        "--plot-schedule",
+        default=None,
+        metavar="PNG",
+        help="write the learning-rate / weight-decay / λ schedules to a PNG (and exit "
+        "unless --data is given)",
+    )
+    m = p.add_argument_group("model (a new one unless --init)")
+    m.add_argument(
+        "--init", default=None, help="start from this model or run (continued pretraining)"
+    )
+    m.add_argument("--config", default=None, help="ModelConfig JSON file")
+    m.add_argument("--hidden", type=int, default=256)
+    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--heads", type=int, default=None, help="default hidden/64")
+    m.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    m.add_argument("--intermediate", type=int, default=None, help="default 8/3 hidden")
+    m.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's")
+    m.add_argument("--family", choices=("llama-b158", "bitnet-2b4t"), default="llama-b158")
+    m.add_argument("--fp", action="store_true", help="train the full-precision twin instead")
+    _train_args(p, steps=1000, batch=16, seq=256, lr=1.5e-3, wd=0.1, drop_at=0.5, floor=0.5,
+                out=True)  # fmt: skip
+    p.set_defaults(func=cmd_train)
+    for action in p._actions:  # --out is optional when only plotting
+        if action.dest == "out":
+            action.required = False
+
+    p = sub.add_parser(
+        "sft", help="supervised fine-tuning on conversations (loss summed over assistant tokens)",
+        description="Supervised fine-tuning, 2B4T recipe: the chat template, loss only on "
+        "assistant tokens, summed (not averaged), short conversations packed. Data: JSON lines "
+        "with messages, or prompt + completion.",
+    )  # fmt: skip
+    p.add_argument("--model", default=None, help=f"model or run to fine-tune (default {SHIPPED})")
+    p.add_argument("--data", nargs="+", required=True, help=".jsonl conversation files")
+    p.add_argument("--loss-reduction", choices=("sum", "mean"), default="sum")
+    p.add_argument("--no-packing", action="store_true", help="one conversation per row")
+    _train_args(p, steps=200, batch=8, seq=512, lr=3e-4, wd=0.0, drop_at=1.0, floor=0.1)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser(
+        "dpo", help="direct preference optimization against a frozen reference",
+        description="DPO: prompt / chosen / rejected JSON lines, a frozen copy of the starting "
+        "model as reference (or --ref-model), beta 0.1 as in the 2B4T report.",
+    )  # fmt: skip
+    p.add_argument("--model", default=None, help=f"model or run to optimise (default {SHIPPED})")
+    p.add_argument("--ref-model", default=None, help="reference model (default: --model, frozen)")
+    p.add_argument("--data", nargs="+", required=True, help=".jsonl preference files")
+    p.add_argument("--beta", type=float, default=0.1)
+    _train_args(p, steps=100, batch=8, seq=512, lr=2e-7, wd=0.0, drop_at=1.0, floor=0.1)
+    p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser(
+        "quantize", help="turn a Hugging Face fp16 model into a BitNet b1.58 (optionally fine-tune)",
+        description="Replace every linear layer but lm_head of a Hugging Face causal LM (Llama, "
+        "Qwen2, Mistral, SmolLM) by BitLinear, keeping the pretrained weights; with --data, "
+        "fine-tune on text with a λ warm-up (recommended: quantizing alone loses most of the "
+        "model). Writes a transformers directory with a BitNet quantization_config.",
+    )  # fmt: skip
+    p.add_argument("src", help="Hugging Face model directory (safetensors)")
+    p.add_argument("dst", help="output transformers directory")
+    p.add_argument("--data", nargs="+", default=None, help="text / .jsonl files to fine-tune on")
+    p.add_argument(
+        "--native", default=None, help="also write our packed .safetensors (Llama-shaped models)"
+    )
+    p.add_argument(
+        "--inner-norm",
+        action="store_true",
+        help="parameter-free RMSNorm before each BitLinear (changes the model)",
+    )
+    _train_args(p, steps=1000, batch=8, seq=512, lr=1e-4, wd=0.0, drop_at=1.0, floor=0.1, out=False)
+    p.set_defaults(func=cmd_quantize, lambda_schedule="min")
+
+    p = sub.add_parser(
+        "export", help="export a training checkpoint to our packed file or transformers",
+        description="Export a training checkpoint (a run directory: its newest) at any point.",
+    )  # fmt: skip
+    p.add_argument("run", help="run directory or step-NNNNNN checkpoint directory")
+    p.add_argument("dst", help="output .safetensors file (or directory with --hf)")
+    p.add_argument("--hf", action="store_true", help="write a transformers directory instead")
+    p.set_defaults(func=cmd_export)
+
+
+# --- eval: perplexity and lm-evaluation-harness (bitnet158.eval) ---------------------------
+
+
+def _progress_bar(desc: str, quiet: bool):
+    """A tqdm factory for library progress hooks: total -> advance(n)."""
+    from tqdm import tqdm
+
+    def start(total: int):
+        bar = tqdm(total=total, desc=desc, unit="window", file=sys.stderr, disable=quiet)
+        return bar.update
+
+    return start
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from .eval.perplexity import perplexity, relative_difference
+    from .eval.scoring import make_scorer
+
+    backends = ("engine", "torch") if args.backend == "both" else (args.backend,)
+    results = {}
+    for backend in backends:
+        scorer = make_scorer(args.model, backend, threads=args.threads)
+        results[backend] = perplexity(
+            scorer,
+            args.files,
+            context=args.context,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            progress=_progress_bar(f"perplexity ({backend})", args.quiet),
+        )
+    report: dict = {backend: r.to_dict() for backend, r in results.items()}
+    if len(results) == 2:
+        report["relative_difference"] = relative_difference(
+            results["engine"].ppl, results["torch"].ppl
+        )
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for backend, r in results.items():
+        for f in r.files:
+            print(
+                f"{backend:6s}  {f.path}: ppl {f.ppl:.4f} over {f.scored} tokens "
+                f"({f.bits_per_byte:.4f} bits/byte, {f.windows} windows)"
+            )
+        print(
+            f"{backend:6s}  total: ppl {r.ppl:.4f} over {r.scored} tokens, context {r.context}, "
+            f"stride {r.stride}, {r.tokens_per_second:.0f} tokens/s"
+        )
+    if "relative_difference" in report:
+        print(f"engine vs torch: relative difference {report['relative_difference']:.2e}")
+    return 0
+
+
+def cmd_eval_harness(args: argparse.Namespace) -> int:
+    from .eval.harness import main as harness_main
+
+    harness_main(args.lm_eval_args)
+    return 0
+
+
+def _add_eval_commands(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="measure quality: perplexity, lm-evaluation-harness tasks",
+        description="Evaluate a model: `eval ppl` (perplexity of text files), `eval harness` "
+        "(lm-evaluation-harness with the bitnet158 model registered).",
+    )
+    ev = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    p = ev.add_parser(
+        "ppl",
+        help="perplexity of text files (strided sliding window)",
+        description="Perplexity of each text file and of all together, with a sliding window: "
+        "each forward sees up to --context tokens, windows start --stride tokens apart and "
+        "score only the tokens no earlier window scored.",
+    )
+    p.add_argument("model", help=f"our .safetensors file, a Hugging Face directory, or '{SHIPPED}'")
+    p.add_argument("files", nargs="+", help="UTF-8 text files")
+    p.add_argument("--context", type=int, default=None, help="tokens per window (default: model's)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: context / 2)")
+    p.add_argument(
+        "--backend",
+        choices=("engine", "torch", "both"),
+        default="engine",
+        help="engine: the native engine (default); torch: the reference model; both: "
+        "both and their relative difference",
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="windows per scoring call")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--output", default=None, help="also write the JSON result to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_ppl)
+    p = ev.add_parser(
+        "harness",
+        help="lm-evaluation-harness with `--model bitnet158` (needs the eval extra)",
+        description="Runs lm-eval's own command line with the bitnet158 adapter registered; "
+        "every argument goes to lm-eval, e.g. --model bitnet158 --model_args "
+        "path=MODEL,backend=engine --tasks arc_easy --batch_size 8.",
+        add_help=False,
+        prefix_chars="+",  # every "-" option is lm-eval's, passed through untouched
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval arguments")
+    p.set_defaults(func=cmd_eval_harness)
+
+
 # --- serve: the OpenAI-compatible HTTP server (bitnet158.serve) -------------------------
 
 
@@ -299,6 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_convert)
+    _add_training_commands(sub)
+    _add_eval_commands(sub)
     _add_serve_command(sub)
     return parser
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bitnet158.train.schedules import TwoStageSchedule
+from bitnet158.train.schedules import LambdaSchedule, TwoStageSchedule, plot_schedules
 
 
 def test_two_stage_learning_rate():
@@ -39,3 +39,37 @@ def test_bad_schedule_is_an_error():
         TwoStageSchedule(total_steps=0)
     with pytest.raises(ValueError):
         TwoStageSchedule(total_steps=10, drop_at=1.5)
+
+
+def test_lambda_schedules_against_their_definitions():
+    assert LambdaSchedule("constant")(0) == 1.0
+    lin = LambdaSchedule("linear", total_steps=200)
+    assert [lin(s) for s in (0, 50, 200, 300)] == [0.0, 0.25, 1.0, 1.0]
+    warm = LambdaSchedule("min", warmup_steps=1000)  # the HF blog's λ = min(step / 1000, 1)
+    assert [warm(s) for s in (0, 1, 500, 1000, 5000)] == [0.0, 0.001, 0.5, 1.0, 1.0]
+    sig = LambdaSchedule("sigmoid", warmup_steps=100, k=10)
+    assert sig(0) == pytest.approx(0.0, abs=1e-12) and sig(100) == pytest.approx(1.0)
+    assert sig(50) == pytest.approx(0.5)
+    assert all(sig(s) <= sig(s + 1) for s in range(120))
+    with pytest.raises(ValueError):
+        LambdaSchedule("cosine")
+    with pytest.raises(ValueError):
+        LambdaSchedule("linear")  # no total_steps
+
+
+def test_plot_schedules_writes_a_png(tmp_path):
+    path = tmp_path / "schedule.png"
+    plot_schedules(TwoStageSchedule(total_steps=300), str(path), LambdaSchedule("min", 100))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plots_the_schedule(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.png"
+    args = ["train", "--plot-schedule", str(path), "--steps", "400", "--lambda-schedule", "min"]
+    out = subprocess.run([sys.executable, "-m", "bitnet158.cli", *args], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -37,9 +37,9 @@ class Norm(nn.Module):
 def rope_tables(
     head_dim: int, theta: float, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, head_dim] for rotate-half RoPE (the Hugging Face / GPT-NeoX layout)."""
+    """cos, sin [..., T, head_dim] for rotate-half RoPE (the Hugging Face / GPT-NeoX layout)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -48,6 +48,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def packed_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions int64[B, T] and attention mask bool[B, 1, T, T] of rows packing several sequences.
+
+    `segment_ids[B, T]` numbers the sequences of a row (equal ids are one contiguous sequence):
+    positions restart at 0 in each, and a token attends causally within its own sequence only,
+    so a packed row computes exactly what its sequences would compute one by one.
+    """
+    B, T = segment_ids.shape
+    t = torch.arange(T, device=segment_ids.device).expand(B, T)
+    new = torch.ones_like(segment_ids, dtype=torch.bool)
+    new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = torch.where(new, t, torch.zeros_like(t)).cummax(dim=1).values
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return t - starts, (same & causal)[:, None]
 
 
 class Block(nn.Module):
@@ -76,7 +93,9 @@ class Block(nn.Module):
             self.attn_sub_norm = Norm(cfg.q_size, cfg.rms_norm_eps)
             self.ffn_sub_norm = Norm(ffn, cfg.rms_norm_eps)
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attention(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q(x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -84,8 +103,9 @@ class Block(nn.Module):
         v = self.v(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=cfg.num_kv_heads != cfg.num_heads
-        )
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            enable_gqa=cfg.num_kv_heads != cfg.num_heads,
+        )  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, cfg.q_size)
         if cfg.subln:
             y = self.attn_sub_norm(y)
@@ -99,8 +119,14 @@ class Block(nn.Module):
             h = self.ffn_sub_norm(h)
         return self.down(h)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attn_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attn_norm(x), cos, sin, mask)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -128,14 +154,19 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of idx[B, T]; `segment_ids[B, T]` marks packed sequences (see packed_layout)."""
         T = idx.shape[1]
-        cos, sin = rope_tables(
-            self.config.head_dim, self.config.rope_theta, torch.arange(T, device=idx.device)
-        )
+        mask = None
+        positions = torch.arange(T, device=idx.device)
+        if segment_ids is not None:
+            positions, mask = packed_layout(segment_ids)
+        cos, sin = rope_tables(self.config.head_dim, self.config.rope_theta, positions)
+        if cos.dim() == 3:  # per-row positions: broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
         x = self.embed(idx).float()
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return F.linear(self.norm(x), self.output_weight().float())
 
     def num_parameters(self, non_embedding: bool = True) -> int:

@@ -1,0 +1,88 @@
+"""BitLinear forward+backward against nn.Linear at BitNet b1.58 2B4T layer shapes.
+
+Both layers see the same input and the same upstream gradient; the timing covers the forward
+pass and the backward pass (gradients of the input and of the weight), the work one training
+step does per layer. Measured interleaved (nn.Linear, BitLinear, nn.Linear, ...) and the
+median is kept, so load from other processes hits both sides alike.
+
+    python benchmarks/bench_bitlinear.py [--tokens 256] [--repeats 7] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitnet158.nn.bitlinear import BitLinear
+
+SHAPES = [(2560, 2560), (2560, 6912), (6912, 2560)]  # (in, out): q/o, gate/up, down
+
+
+def step_seconds(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    x = x.detach().requires_grad_(True)
+    t0 = time.perf_counter()
+    layer(x).backward(grad)
+    seconds = time.perf_counter() - t0
+    layer.weight.grad = None
+    return seconds
+
+
+def bench(k: int, n: int, tokens: int, repeats: int, dtype: str) -> dict:
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, bias=False)
+    bit = BitLinear(k, n)
+    with torch.no_grad():
+        bit.weight.copy_(linear.weight)
+    x, grad = torch.randn(tokens, k), torch.randn(tokens, n)
+    times: dict[str, list[float]] = {"linear": [], "bitlinear": []}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with autocast:
+        for layer in (linear, bit):  # warm-up: allocator, oneDNN primitive caches
+            step_seconds(layer, x, grad)
+        for _ in range(repeats):
+            times["linear"].append(step_seconds(linear, x, grad))
+            times["bitlinear"].append(step_seconds(bit, x, grad))
+    lin, b = statistics.median(times["linear"]), statistics.median(times["bitlinear"])
+    return {"in": k, "out": n, "tokens": tokens, "dtype": dtype, "linear_ms": lin * 1e3,
+            "bitlinear_ms": b * 1e3, "ratio": b / lin}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="fp32")
+    ap.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    rows = [bench(k, n, args.tokens, args.repeats, d) for d in dtypes for k, n in SHAPES]
+    print(f"BitLinear vs nn.Linear, forward + backward, {args.tokens} tokens, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")  # fmt: skip
+    print("| in → out | dtype | nn.Linear ms | BitLinear ms | ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['in']} → {r['out']} | {r['dtype']} | {r['linear_ms']:.1f} | "
+              f"{r['bitlinear_ms']:.1f} | {r['ratio']:.2f}× |")  # fmt: skip
+    report = {
+        "benchmark": "bitlinear_fwd_bwd",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "rows": rows,
+    }
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Run by tests/train/test_distributed.py under torchrun (or imported): a few pretraining steps
+of a tiny model, BitNet and its full-precision twin, with a global batch of 8; process 0 writes
+the per-step losses and gradient norms to the JSON file argv[1]."""
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+from bitnet158.config import ModelConfig
+from bitnet158.nn.model import Transformer
+from bitnet158.train.distributed import init_distributed, shutdown
+from bitnet158.train.pretrain import TrainConfig, pretrain
+
+
+def train_curve(strategy: str, grad_accum: int, ternary: bool) -> dict[str, list[float]]:
+    torch.set_num_threads(1)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg, ternary=ternary)
+    tokens = np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)
+    tc = TrainConfig(steps=6, batch_size=8, seq_len=16, warmup_steps=2, lr_peak=3e-3,
+                     grad_accum=grad_accum, strategy=strategy, log_every=100)  # fmt: skip
+    result = pretrain(model, tokens, None, tc, log=lambda s: None)
+    return {"losses": result.losses, "grad_norms": result.grad_norms}
+
+
+def main() -> None:
+    out, strategy, accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    info = init_distributed()
+    curves = {kind: train_curve(strategy, accum, kind == "bitnet") for kind in ("fp", "bitnet")}
+    if info.is_main:
+        with open(out, "w") as f:
+            json.dump({"world": info.world_size, **curves}, f)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
