@@ -235,6 +235,39 @@ def test_gguf_model_runs_like_ours(tmp_path, model):
     assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
+LLAMA_BITNET = dict(
+    subln=False, family="llama", tie_word_embeddings=False, num_kv_heads=2, rms_norm_eps=1e-6
+)  # Falcon-E / Falcon3-1.58bit style
+
+
+@pytest.mark.parametrize("ttype", ["tq2_0", "tq1_0"])
+def test_plain_llama_bitnet_is_a_llama_gguf(tmp_path, ttype):
+    """No sub-norms: llama.cpp's `llama` graph, q/k rows in its RoPE pair order, output.weight."""
+    cfg = make_config(**LLAMA_BITNET)
+    tensors = random_tensors(cfg, seed=3)
+    src = save_native(tmp_path / "m.safetensors", cfg, tensors, GPT2_TOKENIZER, TEMPLATE)
+    convert(src, tmp_path / "m.gguf", to=f"gguf-{ttype}")
+    fields = reader_fields(tmp_path / "m.gguf")
+    assert fields["general.architecture"] == "llama"
+    r = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert "output.weight" in r and "blk.0.attn_sub_norm.weight" not in r
+    # q rows as llama.cpp's converter permutes them: head h, pair i -> rows (i, half + i)
+    q = gguf.quants.dequantize(r["blk.0.attn_q.weight"].data, r["blk.0.attn_q.weight"].tensor_type)
+    codes = tensors["layers.0.q.codes"]
+    half = cfg.head_dim // 2
+    np.testing.assert_array_equal(np.sign(q[1]), codes[half])  # head 0: rows 0, half, 1, ...
+    np.testing.assert_array_equal(np.sign(q[2]), codes[1])
+    ckpt = read_checkpoint(tmp_path / "m.gguf")
+    assert ckpt.config == cfg
+    back = unpack_tensors(cfg, ckpt.tensors)
+    for name, value in tensors.items():
+        if name.endswith(".codes"):
+            np.testing.assert_array_equal(back[name], value, err_msg=name)
+    ids = [0, 5, 17, 42, 99, 250, 3, 7]
+    ours, theirs = bitnet158.load(src).logits(ids), bitnet158.load(tmp_path / "m.gguf").logits(ids)
+    assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
+
+
 @pytest.mark.parametrize("etype", ["q8_0", "f32"])
 def test_embedding_types(tmp_path, model, etype):
     src, cfg, tensors = model
@@ -254,10 +287,9 @@ def test_embedding_types(tmp_path, model, etype):
     ("overrides", "message"),
     [
         (dict(hidden_act="relu2", family="bitnet-2b4t"), "gates with SiLU"),
-        (dict(subln=False, family="llama"), "no sub-norms"),
         (dict(tie_word_embeddings=False), "not tied"),
         (dict(intermediate_size=704), "K = 704"),
-        (dict(inner_norm=True, subln=False), "no sub-norms"),
+        (dict(inner_norm=True, subln=False), "not affine RMSNorms"),
     ],
 )
 def test_refuses_models_llama_cpp_would_compute_differently(tmp_path, overrides, message):
@@ -578,8 +610,8 @@ def test_other_bad_headers(tmp_path, good_gguf):
         (tmp_path / name).write_bytes(content)
         _expect_error(tmp_path / name, fragment)
     other = tmp_path / "llama.gguf"
-    write_raw_gguf(other, {"general.architecture": "llama"}, [])
-    _expect_error(other, "'llama' is not a BitNet one")
+    write_raw_gguf(other, {"general.architecture": "gptneox"}, [])
+    _expect_error(other, "'gptneox' is not a BitNet one")
 
 
 def test_read_gguf_reports_tensors(good_gguf, model):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from test_gguf import (  # noqa: F401 (spm_gguf is a fixture)
     GPT2_TOKENIZER,
+    LLAMA_BITNET,
     SAMPLES,
     SPM_SAMPLES,
     TEMPLATE,
@@ -92,17 +93,22 @@ def greedy_llama(llm, ids: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("ttype", ["tq2_0", "tq1_0"])
-def test_random_model_runs_in_llama_cpp(tmp_path, ttype):
-    cfg = make_config(num_kv_heads=4)
+@pytest.mark.parametrize("arch", ["bitnet", "llama"])
+def test_random_model_runs_in_llama_cpp(tmp_path, ttype, arch):
+    """Sub-norms -> llama.cpp's bitnet graph; none (Falcon-E style, GQA, untied) -> llama."""
+    cfg = make_config(num_kv_heads=4) if arch == "bitnet" else make_config(**LLAMA_BITNET)
     src = save_native(
         tmp_path / "m.safetensors", cfg, random_tensors(cfg, seed=5), GPT2_TOKENIZER, TEMPLATE
     )
     convert(src, tmp_path / "m.gguf", to=f"gguf-{ttype}")
     llm, ours = llama(tmp_path / "m.gguf"), bitnet158.load(src)
-    ids = [0, 5, 17, 42, 99, 250, 3, 7, 64, 128, 200, 11]
+    ids = list(range(3, 60, 3))
     theirs, mine = llama_logits(llm, ids), ours.logits(ids)
-    assert np.abs(theirs - mine).max() < 0.05 * np.abs(mine).max()
     assert np.array_equal(theirs.argmax(-1), mine.argmax(-1))
+    # Measured: 2.1% (bitnet; its sub-norm outputs meet llama.cpp's per-block activation
+    # quantization) and 0.2% (llama). Rotating the wrong RoPE pairs measured 7% and 1.7%.
+    error = np.linalg.norm(theirs - mine) / np.linalg.norm(mine - mine.mean(-1, keepdims=True))
+    assert error < {"bitnet": 0.04, "llama": 0.01}[arch]
     for text in SAMPLES[:5]:  # llama.cpp's tokenizer from our metadata = our tokenizer
         want = ours.tokenizer.encode(text, add_bos=True)
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == want, text

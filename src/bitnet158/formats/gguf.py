@@ -10,6 +10,9 @@ in gguf-py 0.19 and in microsoft/BitNet's converters):
   to write those. It has no `output` tensor (the logits use `token_embd`), RoPE type NEOX
   (rotate-half, so q/k rows are stored as Hugging Face orders them), and optional F32 [1]
   `blk.N.<proj>.scale` tensors that multiply a projection's output.
+- Plain Llama BitNets (no sub-norms, Falcon-E style) are llama.cpp's `llama` architecture:
+  RoPE type NORM (adjacent pairs), so q/k rows are permuted as llama.cpp's LlamaModel
+  converter does (conversion/llama.py `permute`), and an untied lm_head is `output.weight`.
 - TQ1_0 / TQ2_0 (packing.py) hold blocks of 256 weights with an fp16 `d`; ggml's gguf loader
   rejects a tensor whose row length K is not a multiple of the block size, and tensor shapes
   are fixed by the architecture, so such a matrix cannot be padded: we refuse it.
@@ -56,7 +59,8 @@ from .native import NativeCheckpoint, pack_tensors, projection_shapes
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-LLAMA_CPP_ARCH = "bitnet"  # llama.cpp: SiLU-gated FFN
+LLAMA_CPP_ARCH = "bitnet"  # llama.cpp: SiLU-gated FFN, sub-norms
+LLAMA_ARCH = "llama"  # plain Llama BitNets (Falcon-E, Falcon3-1.58bit, Llama3-8B-1.58)
 BITNET_CPP_ARCHS = ("bitnet-b1.58", "bitnet-25")  # bitnet.cpp's 2B-4T: ReLU²
 
 # GGUF tensor names of one layer's ternary projections (llama.cpp src/llama-arch.cpp).
@@ -369,6 +373,7 @@ def _config(f: GGUFFile, arch: str) -> ModelConfig:
         if isinstance(v := _meta(f, key, int, None), int)
     ]
     relu2 = arch in BITNET_CPP_ARCHS
+    llama = arch == LLAMA_ARCH
     try:
         return ModelConfig(
             vocab_size=vocab,
@@ -378,9 +383,9 @@ def _config(f: GGUFFile, arch: str) -> ModelConfig:
             num_heads=heads,
             num_kv_heads=_meta(f, p + "attention.head_count_kv", int, heads),
             head_dim=head_dim,
-            family="bitnet-2b4t" if relu2 else "llama-b158",
+            family="bitnet-2b4t" if relu2 else "llama" if llama else "llama-b158",
             hidden_act="relu2" if relu2 else "silu",
-            subln=True,
+            subln=not llama,
             rms_norm_eps=_f32(_meta(f, p + "attention.layer_norm_rms_epsilon", (int, float))),
             rope_theta=_f32(_meta(f, p + "rope.freq_base", (int, float), 10000.0)),
             max_position_embeddings=_meta(f, p + "context_length", int, 2048),
@@ -422,6 +427,32 @@ def _check_names(f: GGUFFile) -> None:
         raise FormatError(f"{f.path}: unexpected tensor {name} for a BitNet model")
 
 
+def _norm_shapes(cfg: ModelConfig) -> dict[str, tuple[int]]:
+    shapes = {"attn_norm": (cfg.hidden_size,), "ffn_norm": (cfg.hidden_size,)}
+    if cfg.subln:
+        shapes |= {"attn_sub_norm": (cfg.q_size,), "ffn_sub_norm": (cfg.intermediate_size,)}
+    return shapes
+
+
+def _rope_heads(cfg: ModelConfig) -> dict[str, int]:
+    """Heads of the q/k rows a `llama` file stores in llama.cpp's pair order ({} for bitnet)."""
+    return {} if cfg.subln else {"q": cfg.num_heads, "k": cfg.num_kv_heads}
+
+
+def _pairs_from_halves(w: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of each head from rotate-half order (HF) to adjacent pairs (llama.cpp NORM RoPE)."""
+    n, k = w.shape
+    return w.reshape(heads, 2, n // heads // 2, k).swapaxes(1, 2).reshape(n, k)
+
+
+def _halves_from_pairs(w: np.ndarray, heads: int) -> np.ndarray:
+    """Inverse of `_pairs_from_halves`."""
+    n, k = w.shape
+    return np.ascontiguousarray(
+        w.reshape(heads, n // heads // 2, 2, k).swapaxes(1, 2).reshape(n, k)
+    )
+
+
 def gguf_tensors(
     f: GGUFFile, cfg: ModelConfig, progress: Callable[[Iterable], Iterable] | None = None
 ) -> dict[str, np.ndarray]:
@@ -434,20 +465,18 @@ def gguf_tensors(
     }
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = _embedding(f, _expect(f, "output.weight", (V, H)))
-    norm_shapes = {
-        "attn_norm": (H,),
-        "ffn_norm": (H,),
-        "attn_sub_norm": (cfg.q_size,),
-        "ffn_sub_norm": (cfg.intermediate_size,),
-    }
+    norm_shapes = _norm_shapes(cfg)
+    heads = _rope_heads(cfg)
     layers = range(cfg.num_layers)
     for i in progress(layers) if progress else layers:
-        for ours, theirs in NORM_NAMES.items():
-            t = _expect(f, f"blk.{i}.{theirs}.weight", norm_shapes[ours])
+        for ours, shape in norm_shapes.items():
+            t = _expect(f, f"blk.{i}.{NORM_NAMES[ours]}.weight", shape)
             out[f"layers.{i}.{ours}.weight"] = _floats(f, t)
         for proj, (n, k) in projection_shapes(cfg).items():
             t = _expect(f, f"blk.{i}.{PROJ_NAMES[proj]}.weight", (n, k))
             codes, beta = _ternary(f, t)
+            if proj in heads:
+                codes = _halves_from_pairs(codes, heads[proj])
             scale = f.tensors.get(f"blk.{i}.{PROJ_NAMES[proj]}.scale")
             if scale is not None:  # llama.cpp's optional per-projection output multiplier
                 s = _floats(f, scale).reshape(-1)
@@ -462,14 +491,14 @@ def gguf_tensors(
 def load_gguf(
     path: str | os.PathLike, progress: Callable[[Iterable], Iterable] | None = None
 ) -> NativeCheckpoint:
-    """A bitnet GGUF file (llama.cpp `bitnet`, bitnet.cpp `bitnet-b1.58`) as our checkpoint."""
+    """A BitNet GGUF file (llama.cpp `bitnet` / ternary `llama`, bitnet.cpp) as our checkpoint."""
     f = read_gguf(path)
     arch = f.metadata.get("general.architecture")
-    if arch not in (LLAMA_CPP_ARCH, *BITNET_CPP_ARCHS):
+    if arch not in (LLAMA_CPP_ARCH, LLAMA_ARCH, *BITNET_CPP_ARCHS):
         raise FormatError(
             f"{f.path}: GGUF architecture {arch!r} is not a BitNet one; bitnet158 reads "
-            f"'{LLAMA_CPP_ARCH}' (llama.cpp) and {', '.join(map(repr, BITNET_CPP_ARCHS))} "
-            "(bitnet.cpp)"
+            f"'{LLAMA_CPP_ARCH}' and ternary '{LLAMA_ARCH}' (llama.cpp), and "
+            f"{', '.join(map(repr, BITNET_CPP_ARCHS))} (bitnet.cpp)"
         )
     cfg = _config(f, arch)
     tensors = gguf_tensors(f, cfg, progress)
@@ -488,23 +517,25 @@ def load_gguf(
 # --- writing ------------------------------------------------------------------------------------
 
 
-def check_exportable(cfg: ModelConfig, ternary_type: str = "tq2_0") -> None:
-    """Raise FormatError unless llama.cpp's `bitnet` graph computes exactly this model."""
+def check_exportable(cfg: ModelConfig, ternary_type: str = "tq2_0") -> str:
+    """The llama.cpp architecture that computes exactly this model, or FormatError.
+
+    `bitnet` for models with sub-norms, `llama` for plain Llama BitNets.
+    """
+    arch = LLAMA_CPP_ARCH if cfg.subln else LLAMA_ARCH
     problems = []
     if cfg.hidden_act != "silu":
         problems.append(
-            f"its FFN uses {cfg.hidden_act} but llama.cpp's bitnet graph gates with SiLU "
-            "(src/models/bitnet.cpp), so the file would silently compute a different model; "
+            f"its FFN uses {cfg.hidden_act} but llama.cpp's {arch} graph gates with SiLU "
+            f"(src/models/{arch}.cpp), so the file would silently compute a different model; "
             "ReLU² BitNets (2B-4T) run in bitnet158 itself or in bitnet.cpp (I2_S)"
         )
-    if not cfg.subln:
-        problems.append("it has no sub-norms, which llama.cpp's bitnet architecture requires")
     if cfg.inner_norm or cfg.norm_kind != "rmsnorm" or not cfg.norm_affine:
         problems.append("its norms are not affine RMSNorms (OLMo-Bitnet's are not)")
-    if not cfg.tie_word_embeddings:
-        problems.append("its lm_head is not tied to the embedding (llama.cpp uses token_embd)")
-    if cfg.q_size != cfg.hidden_size:
-        problems.append("heads * head_dim differs from hidden_size")
+    if arch == LLAMA_CPP_ARCH and not cfg.tie_word_embeddings:
+        problems.append("its lm_head is not tied to the embedding (llama.cpp's bitnet uses token_embd)")  # fmt: skip
+    if arch == LLAMA_CPP_ARCH and cfg.q_size != cfg.hidden_size:
+        problems.append("heads * head_dim differs from hidden_size (bitnet's shapes are fixed)")
     for proj, (_, k) in projection_shapes(cfg).items():
         if k % QK_K:
             problems.append(
@@ -513,7 +544,8 @@ def check_exportable(cfg: ModelConfig, ternary_type: str = "tq2_0") -> None:
                 "row lengths (the tensor shape is fixed, so it cannot be padded)"
             )
     if problems:
-        raise FormatError("cannot write a llama.cpp bitnet GGUF: " + "; ".join(problems))
+        raise FormatError(f"cannot write a llama.cpp {arch} GGUF: " + "; ".join(problems))
+    return arch
 
 
 def write_gguf(
@@ -524,7 +556,7 @@ def write_gguf(
     embedding_type: str = "f16",
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> Path:
-    """Write canonical tensors of `ckpt` as a llama.cpp `bitnet` GGUF file, atomically."""
+    """Write canonical tensors of `ckpt` as a llama.cpp GGUF file (`bitnet` or `llama`), atomically."""
     try:
         import gguf
     except ImportError:
@@ -536,7 +568,7 @@ def write_gguf(
     if embedding_type not in EMBEDDING_TYPES:
         raise FormatError(f"unknown embedding type {embedding_type!r} (one of {EMBEDDING_TYPES})")
     cfg = ckpt.config
-    check_exportable(cfg, ternary_type)
+    arch = check_exportable(cfg, ternary_type)
     if embedding_type == "q8_0" and cfg.hidden_size % 32:
         raise FormatError(f"Q8_0 embeddings need hidden_size % 32 == 0, got {cfg.hidden_size}")
     vocab = vocab_from_tokenizer_json(ckpt.tokenizer_json, cfg.vocab_size)
@@ -548,28 +580,22 @@ def write_gguf(
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, LLAMA_CPP_ARCH)
+        w = gguf.GGUFWriter(tmp, arch)
         _write_metadata(w, gguf, cfg, ckpt, vocab, FILE_TYPES[qtype])
-
-        embed = np.asarray(tensors["embed.weight"])
-        if embed.dtype == np.uint16:  # BF16 bits
-            embed = (embed.astype(np.uint32) << 16).view(np.float32)
-        if embedding_type == "q8_0":
-            q = gguf.quants.quantize(embed.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor("token_embd.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:  # an F16 source embedding is written as it is, without a float32 copy
-            w.add_tensor(
-                "token_embd.weight",
-                embed.astype({"f16": np.float16, "f32": np.float32}[embedding_type], copy=False),
-            )
+        _add_matrix(w, gguf, "token_embd.weight", tensors["embed.weight"], embedding_type)
+        if not cfg.tie_word_embeddings:
+            _add_matrix(w, gguf, "output.weight", tensors["lm_head.weight"], embedding_type)
         w.add_tensor("output_norm.weight", np.asarray(tensors["norm.weight"], dtype=np.float32))
+        heads = _rope_heads(cfg)
         layers = range(cfg.num_layers)
         for i in progress(layers) if progress else layers:
-            for ours, theirs in NORM_NAMES.items():
+            for ours in _norm_shapes(cfg):
                 value = np.asarray(tensors[f"layers.{i}.{ours}.weight"], dtype=np.float32)
-                w.add_tensor(f"blk.{i}.{theirs}.weight", value)
+                w.add_tensor(f"blk.{i}.{NORM_NAMES[ours]}.weight", value)
             for proj, theirs in PROJ_NAMES.items():
                 codes = np.asarray(tensors[f"layers.{i}.{proj}.codes"])
+                if proj in heads:  # llama's RoPE rotates adjacent pairs
+                    codes = _pairs_from_halves(codes, heads[proj])
                 beta = np.float32(np.asarray(tensors[f"layers.{i}.{proj}.scale"]).reshape(-1)[0])
                 try:
                     data = pack(codes, beta)  # every nonzero block's d = fp16(beta)
@@ -587,8 +613,20 @@ def write_gguf(
     return path
 
 
+def _add_matrix(w, gguf, name: str, value: np.ndarray, kind: str) -> None:
+    """token_embd / output in F16, F32 or Q8_0 (an F16 source is written without a copy)."""
+    value = np.asarray(value)
+    if value.dtype == np.uint16:  # BF16 bits
+        value = (value.astype(np.uint32) << 16).view(np.float32)
+    if kind == "q8_0":
+        q = gguf.quants.quantize(value.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+        w.add_tensor(name, value.astype({"f16": np.float16, "f32": np.float32}[kind], copy=False))
+
+
 def _write_metadata(w, gguf, cfg: ModelConfig, ckpt: NativeCheckpoint, vocab: GGUFVocab, file_type: int) -> None:  # fmt: skip
-    """The keys llama.cpp's bitnet loader and vocabulary read (names as gguf-py writes them)."""
+    """The keys llama.cpp's model loader and vocabulary read (names as gguf-py writes them)."""
     name = Path(str(ckpt.path)).stem if ckpt.path else "bitnet158"
     w.add_name(name)
     w.add_file_type(file_type)
@@ -601,6 +639,9 @@ def _write_metadata(w, gguf, cfg: ModelConfig, ckpt: NativeCheckpoint, vocab: GG
     w.add_head_count(cfg.num_heads)
     w.add_head_count_kv(cfg.num_kv_heads)
     w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.q_size != cfg.hidden_size:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
 
