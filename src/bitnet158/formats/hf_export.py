@@ -104,7 +104,10 @@ def check_exportable(cfg: ModelConfig) -> str:
     if cfg.subln:
         return "BitNetForCausalLM"
     if cfg.hidden_act != "silu":
-        raise FormatError("cannot write a transformers checkpoint: a Llama block gates with SiLU")
+        raise FormatError(
+            f"cannot write a transformers checkpoint: without sub-norms the model is a "
+            f"LlamaForCausalLM, whose FFN gates with SiLU, not {cfg.hidden_act}"
+        )
     return "LlamaForCausalLM"
 
 
