@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 BUILD_DEPS := "scikit-build-core>=0.10" "nanobind>=2.0"
 
-.PHONY: run test install install-test install-browser lint shipped-model clean
+.PHONY: run test install install-test install-browser install-bench bench lint shipped-model clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ install-browser:
 			chromium chromium-driver; \
 	else echo "install-browser: no apt-get; install chromium and chromedriver by hand"; \
 	fi
+
+# The benchmark's peers. llama.cpp is built for this CPU (GGML_NATIVE=ON: AVX-512 where there is
+# some), into its own folder so the portable build of the tests stays as it is.
+BENCH_LLAMA_CPP := $(VENV)/bench-llama-cpp
+install-bench: install-test
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	CMAKE_ARGS="$(subst -DGGML_NATIVE=OFF,-DGGML_NATIVE=ON,$(LLAMA_CPP_CMAKE_ARGS))" \
+		$(PIP) install -q --no-deps --no-build-isolation --target $(BENCH_LLAMA_CPP) "$(LLAMA_CPP)"
+
+# Not a test: bitnet158 against llama.cpp and transformers, same run, same threads (~20 min).
+bench: install-bench
+	PYTHONPATH=$(BENCH_LLAMA_CPP) $(VENV)/bin/bitnet158 bench --json bench.json
 
 run: install
 	$(VENV)/bin/bitnet158 generate "ROMEO:" --max-new-tokens 120 --seed 0

@@ -692,6 +692,24 @@ def _add_serve_command(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _add_bench_command(sub) -> None:
+    from . import bench
+
+    p = sub.add_parser(
+        "bench",
+        help="measure bitnet158 against llama.cpp and transformers on random models",
+        description=(
+            "Build random-weight models of real shapes (2B-4T, 1bitLLM 700M) in our format and "
+            "as GGUF TQ2_0/TQ1_0, then measure prefill and decode tokens/s, peak RSS and load "
+            "time of bitnet158, llama.cpp (llama-cpp-python, the 'bench' extra) and "
+            "transformers on the same threads, with the memory-bandwidth roofline. Prints a "
+            "markdown table; --json keeps everything."
+        ),
+    )
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitnet158",
@@ -763,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_eval_commands(sub)
     _add_serve_command(sub)
+    _add_bench_command(sub)
     return parser
 
 

@@ -1,0 +1,168 @@
+"""The native decoder step (native/forward.cpp) beyond the reference match of
+test_engine_model.py: every ISA, float16 cache, int8 output layer, batched decode, threads,
+and bad input as Python exceptions."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from test_engine_model import IDS, assert_close_logits, torch_logits
+
+import bitnet158
+from bitnet158 import _native
+from bitnet158.engine import model as engine_model
+from bitnet158.errors import GenerationError
+
+ISAS = _native.available_isas()
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = _native.get_num_threads()
+    yield
+    _native.set_num_threads(before)
+
+
+def native_logits(engine, ids, isa=None, kv="float32"):
+    """All-position logits of one sequence, one native call on the given ISA."""
+    cache = engine.new_cache(len(ids), kv)
+    T = len(ids)
+    return engine.native.forward(
+        np.asarray(ids, np.int32), np.zeros(T, np.int32), np.arange(T, dtype=np.int32),
+        cache.k, cache.v, np.arange(T, dtype=np.int64), isa=isa,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_matches_torch_reference(variant, isa):
+    path, cfg, tensors = variant
+    engine = bitnet158.load(path).engine
+    assert_close_logits(native_logits(engine, IDS, isa), torch_logits(cfg, tensors, IDS))
+
+
+def test_float16_cache_is_close(variant):
+    path, *_ = variant
+    engine = bitnet158.load(path).engine
+    exact = native_logits(engine, IDS)
+    half = native_logits(engine, IDS, kv="float16")
+    assert np.abs(half - exact).max() <= 2e-2 * np.abs(exact).max()
+
+
+def test_int8_output_layer(variant):
+    path, *_ = variant
+    exact = bitnet158.load(path)
+    int8 = bitnet158.load(path, lm_head="int8")
+    assert exact.engine.head_kind == "float32" and int8.engine.head_kind == "int8"
+    want, got = exact.logits(IDS), int8.logits(IDS)
+    assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+
+
+def test_batched_decode_equals_one_sequence_at_a_time(tiny_path):
+    engine = bitnet158.load(tiny_path).engine
+    prompts = [IDS[:5], IDS[3:12], IDS[7:9]]
+    batch = engine.new_cache(32, slots=3)
+    singles = [engine.new_cache(32) for _ in prompts]
+    for slot, (prompt, single) in enumerate(zip(prompts, singles, strict=True)):
+        np.testing.assert_array_equal(
+            engine.forward(prompt, batch, last_only=True, slot=slot),
+            engine.forward(prompt, single, last_only=True),
+        )
+    tokens = [11, 12, 13]
+    for _ in range(4):
+        got = engine.decode(tokens, batch, slots=[2, 0, 1])
+        want = [engine.forward(np.array([t]), singles[s])[0] for t, s in zip(tokens, [2, 0, 1], strict=True)]  # fmt: skip
+        np.testing.assert_array_equal(got, np.stack(want))  # exact: rows never mix
+        tokens = [int(r.argmax()) for r in got]
+    assert batch.lengths.tolist() == [9, 13, 6]
+
+
+def test_threads_do_not_change_logits(tiny_path):
+    engine = bitnet158.load(tiny_path).engine
+    _native.set_num_threads(1)
+    one = native_logits(engine, IDS)
+    _native.set_num_threads(2)
+    np.testing.assert_array_equal(native_logits(engine, IDS), one)
+
+
+def test_concurrent_python_threads(tiny_path):
+    engine = bitnet158.load(tiny_path, threads=2).engine
+    want = native_logits(engine, IDS)
+    errors = []
+
+    def run():
+        for _ in range(5):
+            if not np.array_equal(native_logits(engine, IDS), want):
+                errors.append(1)
+
+    callers = [threading.Thread(target=run) for _ in range(3)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    assert not errors
+
+
+def test_bad_steps_raise_and_write_nothing(tiny_path):
+    engine = bitnet158.load(tiny_path).engine
+    cache = engine.new_cache(4)
+    k_before = cache.k.copy()
+    one = np.zeros(1, np.int32)
+    rows = np.zeros(1, np.int64)
+    with pytest.raises(ValueError, match="context overflow"):
+        engine.native.forward(one, one, np.array([4], np.int32), cache.k, cache.v, rows)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.native.forward(np.array([10**6], np.int32), one, one, cache.k, cache.v, rows)
+    with pytest.raises(ValueError, match="slot"):
+        engine.native.forward(one, np.array([1], np.int32), one, cache.k, cache.v, rows)
+    with pytest.raises(ValueError, match="twice"):
+        two = np.zeros(2, np.int32)
+        engine.native.forward(two, two, two, cache.k, cache.v, rows)
+    with pytest.raises(ValueError, match="logits row"):
+        engine.native.forward(one, one, one, cache.k, cache.v, np.array([3], np.int64))
+    assert np.array_equal(cache.k, k_before)
+    with pytest.raises(TypeError):  # float64 cache
+        engine.native.forward(one, one, one, cache.k.astype(np.float64), cache.v, rows)
+    with pytest.raises(TypeError):  # int64 tokens: no silent conversion
+        engine.native.forward(one.astype(np.int64), one, one, cache.k, cache.v, rows)
+    with pytest.raises(TypeError):  # keys float32, values float16
+        engine.native.forward(one, one, one, cache.k, cache.v.astype(np.float16), rows)
+    raw = np.zeros(cache.k.nbytes + 64 + 4, np.uint8)
+    offset = (-raw.ctypes.data % 64) + 4  # 4-byte aligned, not 64
+    misaligned = raw[offset : offset + cache.k.nbytes].view(np.float32).reshape(cache.k.shape)
+    with pytest.raises(ValueError, match="aligned"):
+        engine.native.forward(one, one, one, misaligned, cache.v, rows)
+    with pytest.raises(ValueError, match="shape"):
+        engine.native.forward(one, one, one, cache.k[:, :1], cache.v[:, :1], rows)
+    # the Python API turns native refusals into GenerationError
+    full = engine.new_cache(2)
+    engine.forward(np.array([5, 6]), full)
+    with pytest.raises(GenerationError, match="context overflow"):
+        engine.forward(np.array([7]), full)
+    with pytest.raises(GenerationError, match="slot"):
+        engine.decode([1, 2], engine.new_cache(4, slots=2), slots=[0, 0])
+
+
+def test_model_rejects_wrong_weights(tiny_path):
+    cfg = bitnet158.load(tiny_path).config
+    native = _native.Model(
+        hidden=cfg.hidden_size, inter=cfg.intermediate_size, heads=cfg.num_heads,
+        kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab=cfg.vocab_size,
+        layers=cfg.num_layers, relu2=True, subln=True, inner_norm=False, layernorm=False,
+        eps=1e-5, inner_eps=1e-5,
+        inv_freq=engine_model.rope_inv_freq(cfg.head_dim, cfg.rope_theta),
+    )  # fmt: skip
+    H = cfg.hidden_size
+    with pytest.raises(ValueError, match="shape"):
+        native.set_layer(0, None, None, np.ones(3, np.float32), np.ones(3, np.float32),
+                         [np.zeros((1, 256), np.uint8)] * 7, [1.0] * 7)  # fmt: skip
+    with pytest.raises(ValueError, match="required"):  # subln needs its norms
+        native.set_layer(0, None, None, None, None, [np.zeros((1, 256), np.uint8)] * 7, [1.0] * 7)
+    with pytest.raises(TypeError):
+        native.set_embedding(np.zeros((cfg.vocab_size, H), np.float64), False)
+    with pytest.raises(ValueError, match="not set"):
+        cache = np.zeros((1, cfg.num_layers, cfg.num_kv_heads, 4, cfg.head_dim), np.float32)
+        one = np.zeros(1, np.int32)
+        native.forward(one, one, one, cache, cache.copy(), np.zeros(1, np.int64))

@@ -1,0 +1,56 @@
+"""A smoke test of `bitnet158 bench`'s code path on a tiny random model (not a benchmark)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bitnet158 import bench
+from bitnet158.formats.native import load_native, unpack_tensors
+
+TINY = dict(
+    family="llama-b158", vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
+    num_heads=4, num_kv_heads=2, hidden_act="silu", max_position_embeddings=64,
+)  # fmt: skip
+
+
+@pytest.fixture
+def tiny_shape(monkeypatch):
+    monkeypatch.setitem(bench.SHAPES, "tiny", TINY)
+    return "tiny"
+
+
+def test_random_model_is_ternary_and_loads(tmp_path, tiny_shape):
+    cfg = bench.shape_config(tiny_shape)
+    path = bench.write_random_model(cfg, tmp_path / "m.safetensors")
+    ckpt = load_native(path)
+    codes = unpack_tensors(cfg, ckpt.tensors)["layers.0.gate.codes"]
+    assert set(np.unique(codes)) == {-1, 0, 1}  # 96 x 64: the padded (slow) packing path
+    assert ckpt.tensors["embed.weight"].dtype == np.float16
+    sizes = bench.decode_bytes_per_token(cfg, "float16")
+    assert sizes["head"] == 300 * 64 * 2
+    assert sizes["ternary"] == sum(
+        v.nbytes for k, v in ckpt.tensors.items() if k.endswith(".packed")
+    )
+
+
+def test_run_and_report_without_peers(tmp_path, tiny_shape):
+    results = bench.run(
+        [tiny_shape], tmp_path, threads=1, prompt=8, decode=4, reps=1, peers=False,
+        log=lambda s: None, probe_bytes=1 << 20,
+    )  # fmt: skip
+    runs = results["shapes"][tiny_shape]["runs"]
+    assert [r["weights"] for r in runs] == ["2-bit ours + F16 head", "2-bit ours + int8 head"]
+    for r in runs:
+        assert "error" not in r, r
+        assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_rss"] > 0
+        assert 0 < r["roofline_fraction"]
+    assert [r["head"] for r in runs] == ["float16", "int8"]
+    runs.append(dict(engine="llama.cpp", weights="TQ2_0 + F16", prefill_tps=2.0, decode_tps=1.0))
+    runs.append(dict(engine="transformers", weights="BitNetForCausalLM", error="not installed"))
+    table = bench.markdown(results)
+    assert "| bitnet158 | 2-bit ours + F16 head |" in table
+    assert "not run: not installed" in table
+    json.dumps(results)  # the JSON file holds all of it
