@@ -2,6 +2,7 @@
 #include "dispatch.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -193,6 +194,27 @@ void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, floa
     dst.n = n;
     const GemmTask task{packed, n, dst};
     run_gemm_tasks(kern, x_q.get(), x_sum.data(), T, kpad, &task, 1);
+}
+
+uint64_t read_bytes(const uint8_t* p, int64_t n) {
+    constexpr int64_t kChunk = 1 << 20;
+    std::atomic<uint64_t> total{0};
+    parallel_for(cdiv(n, kChunk), [&](int64_t c) {
+        const int64_t b = c * kChunk, e = std::min(n, b + kChunk);
+        uint64_t acc[8] = {};
+        int64_t i = b;
+        for (; i + 64 <= e; i += 64)
+            for (int l = 0; l < 8; ++l) {
+                uint64_t v;
+                std::memcpy(&v, p + i + 8 * l, 8);
+                acc[l] ^= v;
+            }
+        for (; i < e; ++i) acc[0] ^= p[i];
+        uint64_t x = 0;
+        for (uint64_t a : acc) x ^= a;
+        total.fetch_xor(x, std::memory_order_relaxed);
+    });
+    return total.load();
 }
 
 }  // namespace bitnet158

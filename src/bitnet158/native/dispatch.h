@@ -83,4 +83,8 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
 void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta,
                int64_t n, float* y, Isa isa);
 
+// Read all n bytes at p with the thread pool and return their xor (64 bits at a time): the
+// bandwidth probe of `bitnet158 bench`.
+uint64_t read_bytes(const uint8_t* p, int64_t n);
+
 }  // namespace bitnet158

@@ -449,4 +449,16 @@ NB_MODULE(_native, m) {
              "(float32 or float16, 64-byte aligned); logits float32[R, vocab] of tokens "
              "out_rows int64[R]. ValueError on a context overflow or bad ids; nothing is written "
              "then.");
+
+    m.def(
+        "read_bytes",
+        [](In1D<uint8_t> buf) {
+            const uint8_t* p = buf.data();
+            const int64_t n = buf.shape(0);
+            nb::gil_scoped_release release;
+            return read_bytes(p, n);
+        },
+        "buf"_a.noconvert(),
+        "Read every byte of buf with the kernels' threads (a memory read bandwidth probe); "
+        "returns a checksum.");
 }
