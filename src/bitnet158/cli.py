@@ -770,9 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--embedding-type",
-        choices=("f16", "f32", "q8_0"),
+        choices=("f16", "f32", "q8_0", "q6_k"),
         default="f16",
-        help="GGUF token embedding type (default f16)",
+        help="GGUF token embedding (and untied output) type (default f16)",
     )
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,12 +1,18 @@
-"""Helpers of the serving tests: a small random model in our file format, built with numpy."""
+"""Helpers of the serving tests: a small random model built with numpy, a server thread."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import numpy as np
+import uvicorn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bitnet158.config import ModelConfig
 from bitnet158.formats.native import expected_shapes, projection_shapes, save_native
+from bitnet158.serve.batching import EngineBackend
 
 SPECIALS = ["<s>", "</s>", "<|eot_id|>"]  # ids 0, 1, 2
 CHAT_TEMPLATE = (
@@ -65,3 +71,40 @@ def random_model(path, context: int = 256, seed: int = 0):
         else:
             tensors[name] = rng.standard_normal(shape).astype(np.float32)
     return save_native(path, cfg, tensors, text, CHAT_TEMPLATE)
+
+
+class ServerThread:
+    """uvicorn serving `app` on a free loopback port, in a thread of the test process."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, args=([self.sock],), daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class SlowBackend(EngineBackend):
+    """The engine backend with a pause per step, so requests stay in flight a while."""
+
+    def __init__(self, *args, pause: float = 0.02, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pause = pause
+
+    def step(self, work):
+        time.sleep(self.pause)
+        return super().step(work)

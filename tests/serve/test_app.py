@@ -9,6 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from serve_fixtures import ServerThread, SlowBackend
+
+from bitnet158.serve import create_app
 
 MESSAGES = [{"role": "user", "content": "Wherefore art thou?"}]
 
@@ -228,3 +231,28 @@ def test_queue_bound_answers_429(slow_server):
             for s in streams:
                 s.__exit__(None, None, None)
     assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+class FailingBackend(SlowBackend):
+    """A step raises while `failing` is set: the fault of an engine, not of a request."""
+
+    failing = True
+
+    def step(self, work):
+        if self.failing:
+            raise RuntimeError("engine fault")
+        return super().step(work)
+
+
+def test_an_engine_fault_fails_its_requests_not_the_server(model):
+    backend = FailingBackend(model.engine, 2, model.max_context, pause=0)
+    with ServerThread(create_app(model, backend=backend)) as srv:
+        body = {"prompt": "ROMEO:", "max_tokens": 5}
+        r = httpx.post(srv.url + "/v1/completions", json=body)
+        assert r.status_code == 500 and "engine fault" in r.json()["error"]["message"]
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}) as r:
+            events = sse(r)
+        assert "engine fault" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+        backend.failing = False
+        r = httpx.post(srv.url + "/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5

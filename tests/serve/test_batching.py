@@ -24,31 +24,35 @@ def successor(token: int) -> int:
 class FakeBackend:
     """Greedy logits pointing at successor(last token); records every call."""
 
-    def __init__(self, num_slots: int = 2, max_context: int = 100_000) -> None:
-        self.num_slots, self.max_context = num_slots, max_context
+    def __init__(self, num_slots: int = 2, max_context: int = 100_000, max_step_tokens=64):
+        self.num_slots, self.max_context, self.max_step_tokens = (
+            num_slots, max_context, max_step_tokens,
+        )  # fmt: skip
         self.calls: list[tuple] = []
+        self.lengths = [0] * num_slots
         self.gate = threading.Event()
         self.gate.set()
-        self.fail_on: int | None = None  # a token that makes decode raise
+        self.fail_on: int | None = None  # a token that makes a step raise
 
-    def _logits(self, token: int) -> np.ndarray:
-        row = np.zeros(V, np.float32)
-        row[successor(token)] = 10.0
-        return row
-
-    def prefill(self, slot, tokens):
-        self.calls.append(("prefill", slot, len(tokens)))
-        return self._logits(tokens[-1])
-
-    def decode(self, slots, tokens):
+    def step(self, work):
         self.gate.wait(10)
-        self.calls.append(("decode", tuple(slots)))
-        if self.fail_on in tokens:
-            raise RuntimeError("boom")
-        return np.stack([self._logits(t) for t in tokens])
+        self.calls.append(("step", tuple((slot, len(tokens)) for slot, tokens in work)))
+        assert len({slot for slot, _ in work}) == len(work)
+        assert sum(len(t) for _, t in work) <= self.max_step_tokens
+        rows = []
+        for slot, tokens in work:
+            if self.fail_on in tokens:
+                raise RuntimeError("boom")
+            self.lengths[slot] += len(tokens)
+            assert self.lengths[slot] <= self.max_context
+            row = np.zeros(V, np.float32)
+            row[successor(tokens[-1])] = 10.0
+            rows.append(row)
+        return np.stack(rows)
 
     def release(self, slot):
         self.calls.append(("release", slot))
+        self.lengths[slot] = 0
 
 
 class Collector:
@@ -107,22 +111,19 @@ def test_one_sequence_greedy(batcher):
 
 
 def test_sequences_share_decode_steps_and_queue_for_slots(batcher, backend):
-    backend.gate.clear()  # hold the first decode step until all are queued
+    backend.gate.clear()  # hold the first step until all are queued
     c = Collector()
     gens = [c.gen([20 + i], max_tokens=3 + i, index=i) for i in range(3)]
     batcher.submit(gens)
     backend.gate.set()
     for i in range(3):
         c.wait(i)
-    decodes = [call[1] for call in backend.calls if call[0] == "decode"]
-    assert max(len(slots) for slots in decodes) == 2  # two slots, both used in one step
-    assert all(len(set(slots)) == len(slots) for slots in decodes)
+    steps = [call[1] for call in backend.calls if call[0] == "step"]
+    assert steps[0] == ((0, 1), (1, 1))  # both prompts prefilled in one step
+    assert steps[1] == ((0, 1), (1, 1))  # then decoded together
     # the third sequence got a slot as soon as one was freed, before the other ended
-    first_release = backend.calls.index(next(c for c in backend.calls if c[0] == "release"))
-    third_prefill = next(
-        i for i, c in enumerate(backend.calls) if c[0] == "prefill" and c[2] == 1 and i > 1
-    )
-    assert third_prefill > first_release
+    release = backend.calls.index(("release", 0))
+    assert backend.calls[release + 1] == ("step", ((1, 1), (0, 1)))  # decode 1 + prefill 0
     for i, g in enumerate(gens):
         assert g.completion_tokens == 3 + i
         want = TOKENIZER.decode(expected_tokens([20 + i], 3 + i), skip_special_tokens=True)
@@ -183,6 +184,25 @@ def test_a_failing_step_ends_its_sequences_and_the_worker_goes_on(batcher, backe
     batcher.submit([g2])
     c2.wait()
     assert g2.finish_reason == "length" and g2.completion_tokens == 4
+
+
+def test_long_prompts_are_prefilled_in_chunks_beside_the_decodes():
+    backend = FakeBackend(max_step_tokens=8)
+    batcher = Batcher(backend)
+    try:
+        c = Collector()
+        backend.gate.clear()
+        short, long = c.gen([5], max_tokens=6, index=0), c.gen(list(range(3, 23)), index=1)
+        batcher.submit([short, long])
+        backend.gate.set()
+        c.wait(0)
+        c.wait(1)
+        steps = [call[1] for call in backend.calls if call[0] == "step"]
+        # 20 prompt tokens in chunks of what the budget leaves beside the short one's decode
+        assert steps[:4] == [((0, 1), (1, 7)), ((0, 1), (1, 7)), ((0, 1), (1, 6)), ((0, 1), (1, 1))]
+        assert c.text[1] == TOKENIZER.decode(expected_tokens([22], 5), skip_special_tokens=True)
+    finally:
+        batcher.close()
 
 
 def test_context_full_ends_with_length():

@@ -1,15 +1,18 @@
-"""Continuous batching: many generations share one decode step, joining and leaving at will.
+"""Continuous batching: many generations share one engine step, joining and leaving at will.
 
 A `Batcher` owns a `DecodeBackend` (a fixed number of KV-cache slots) and one worker thread.
-Each loop turn it drops cancelled sequences (their slots are free for the next turn), moves
-waiting sequences into free slots and prefills them, then runs ONE decode step over every
-active sequence and samples each one's next token. A sequence leaves at its end (EOS, stop
-string, max_tokens, context full) or when cancelled; a new one takes its slot at once, without
-waiting for the rest of the batch (Orca-style iteration-level scheduling).
+Each loop turn it drops cancelled sequences (their slots are free for this very turn), moves
+waiting sequences into free slots, then runs ONE engine step holding the next token of every
+decoding sequence plus prompt tokens of the new ones (up to `max_step_tokens` in all; a long
+prompt is prefilled over several turns), and samples the next token of each sequence whose
+prompt is complete. A sequence leaves at its end (EOS, stop string, max_tokens, context full)
+or when cancelled, and a waiting one takes its slot at the next turn, without waiting for the
+rest of the batch (Orca-style iteration-level scheduling, with vLLM-style chunked prefill).
 
-The backend is the only contract with the engine: prefill one sequence into a slot, decode
-one token for a list of slots -> logits [B, V]. `EngineBackend` maps it onto the native
-engine's slotted KV cache and batched decode step; tests drive the scheduler with fakes.
+The backend is the only contract with the engine: append tokens to a set of slots in one step
+-> logits [entries, V] of each entry's last token. A decode is one token for a slot, a prefill
+(chunk) many; `EngineBackend` maps it onto the native engine's slotted KV cache, where the
+weights are read once per step whatever the number of sequences. Tests drive it with fakes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from ..engine.generate import _first_stop, _held_back
-from ..engine.model import EngineModel
+from ..engine.model import PREFILL_CHUNK, EngineModel
 from ..engine.sampling import sample
 from ..formats.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -34,41 +37,47 @@ class QueueFull(Exception):
 
 
 class DecodeBackend(Protocol):
-    """KV-cache slots on an engine: prefill one sequence into a slot, decode many at once."""
+    """KV-cache slots on an engine, filled by steps that serve many sequences at once."""
 
     num_slots: int
     max_context: int
+    max_step_tokens: int  # tokens one step may hold (bounds the engine's scratch memory)
 
-    def prefill(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
-        """Start slot `slot` afresh with the prompt tokens; logits float32[V] of the last one."""
-        ...
-
-    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """Append tokens[i] to slot slots[i], all in one step; logits float32[B, V]."""
+    def step(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
+        """Append `tokens` to slot `slot` for each (slot, tokens) of `work` (a slot at most once),
+        all in one step; logits float32[len(work), V] of each entry's last token."""
         ...
 
     def release(self, slot: int) -> None:
-        """The slot's sequence is gone; its cache may be reused."""
+        """The slot's sequence is gone: the slot starts empty for the next one."""
         ...
 
 
 class EngineBackend:
-    """`DecodeBackend` over the native engine: one slotted KV cache, a decode step is one GEMM
-    over the active sequences (weights read once per step, not once per sequence)."""
+    """`DecodeBackend` over the native engine: one slotted KV cache, one `EngineModel.step`
+    (a GEMM over all the step's tokens) per turn."""
 
     def __init__(
         self, engine: EngineModel, num_slots: int, max_context: int, kv_dtype: str = "float32"
     ) -> None:
         self.engine, self.num_slots, self.max_context = engine, num_slots, max_context
+        self.max_step_tokens = max(PREFILL_CHUNK, num_slots)
         # calloc'd: the pages of a slot cost memory only once a sequence has used them
         self.cache = engine.new_cache(max_context, kv_dtype, slots=num_slots)
 
-    def prefill(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
-        self.cache.reset(slot)
-        return self.engine.forward(np.asarray(tokens), self.cache, last_only=True, slot=slot)[0]
-
-    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        return self.engine.decode(tokens, self.cache, slots)
+    def step(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
+        cache = self.cache
+        slots = np.array([slot for slot, _ in work], dtype=np.int64)
+        counts = np.array([len(tokens) for _, tokens in work], dtype=np.int64)
+        starts = [cache.reserve(int(n), int(s)) for s, n in zip(slots, counts, strict=True)]
+        tokens = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in work])
+        positions = np.concatenate(
+            [np.arange(a, a + n) for a, n in zip(starts, counts, strict=True)]
+        )
+        logits = self.engine.step(tokens, np.repeat(slots, counts), positions, cache,
+                                  np.cumsum(counts) - 1)  # fmt: skip
+        cache.lengths[slots] += counts
+        return logits
 
     def release(self, slot: int) -> None:
         self.cache.reset(slot)
@@ -146,6 +155,7 @@ class Generation:
     completion_tokens: int = 0
     finish_reason: str | None = None
     slot: int | None = None
+    prefilled: int = 0  # prompt tokens in the cache so far
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     _last: int = -1
@@ -174,9 +184,9 @@ class Batcher:
         self._free = list(range(backend.num_slots - 1, -1, -1))  # pop() gives slot 0 first
         self._cond = threading.Condition()
         self._stopping = False
-        self.steps = 0  # decode steps run
+        self.steps = 0  # steps that decoded at least one sequence
+        self.step_sequences = 0  # sequences decoded, summed over steps (mean batch = / steps)
         self.generated_tokens = 0
-        self.step_sequences = 0  # sequences summed over decode steps (mean batch = this / steps)
         self._thread = threading.Thread(target=self._loop, name="bitnet158-batcher", daemon=True)
         self._thread.start()
 
@@ -231,17 +241,26 @@ class Batcher:
                     self._waiting.clear()
                     return
                 self._drop_cancelled()
-                admitted = []
                 while self._waiting and self._free:
                     gen = self._waiting.popleft()
                     gen.slot = self._free.pop()
                     self._active[gen.slot] = gen
-                    admitted.append(gen)
-                running = [g for g in self._active.values() if g not in admitted]
-            for gen in admitted:
-                self._run(self._prefill, [gen])
-            if running:
-                self._run(self._decode, running)
+                work = self._plan(list(self._active.values()))
+            if work:
+                self._run(work)
+
+    def _plan(self, active: list[Generation]) -> list[tuple[Generation, list[int]]]:
+        """This turn's step: every decoding sequence's last token, then prompt chunks in
+        admission order, within the backend's tokens per step."""
+        budget = self.backend.max_step_tokens
+        work = [(g, [g._last]) for g in active if g.prefilled == len(g.prompt_ids)]
+        budget -= len(work)
+        for g in active:
+            if g.prefilled < len(g.prompt_ids) and budget > 0:
+                chunk = g.prompt_ids[g.prefilled : g.prefilled + budget]
+                work.append((g, chunk))
+                budget -= len(chunk)
+        return work
 
     def _drop_cancelled(self) -> None:
         """(lock held) Finish cancelled sequences, waiting or active, and free their slots."""
@@ -251,27 +270,27 @@ class Batcher:
         for gen in [g for g in self._active.values() if g.cancelled]:
             self._finish(gen, "cancelled")
 
-    def _run(self, step: Callable[[list[Generation]], None], gens: list[Generation]) -> None:
-        """Run a step; an exception ends only the sequences it was for, never the worker."""
+    def _run(self, work: list[tuple[Generation, list[int]]]) -> None:
+        """Run one step and sample; an exception ends only the step's sequences, never the
+        worker."""
         try:
-            step(gens)
+            logits = self.backend.step([(g.slot, tokens) for g, tokens in work])
+            decoding = sum(len(tokens) == 1 and g.prefilled == len(g.prompt_ids)
+                           for g, tokens in work)  # fmt: skip
+            if decoding:
+                self.steps += 1
+                self.step_sequences += decoding
+            for (gen, tokens), row in zip(work, logits, strict=True):
+                if gen.prefilled < len(gen.prompt_ids):
+                    gen.prefilled += len(tokens)
+                    if gen.prefilled < len(gen.prompt_ids):
+                        continue  # a prompt chunk: nothing to sample yet
+                self._advance(gen, row)
         except Exception as exc:  # noqa: BLE001 - reported to the requests, worker goes on
             with self._cond:
-                for gen in gens:
+                for gen, _ in work:
                     if gen.finish_reason is None:
                         self._finish(gen, "error", f"{type(exc).__name__}: {exc}")
-
-    def _prefill(self, gens: list[Generation]) -> None:
-        (gen,) = gens
-        logits = self.backend.prefill(gen.slot, gen.prompt_ids)
-        self._advance(gen, logits)
-
-    def _decode(self, gens: list[Generation]) -> None:
-        logits = self.backend.decode([g.slot for g in gens], [g._last for g in gens])
-        self.steps += 1
-        self.step_sequences += len(gens)
-        for gen, row in zip(gens, logits, strict=True):
-            self._advance(gen, row)
 
     def _advance(self, gen: Generation, logits: np.ndarray) -> None:
         """Sample the next token of `gen`, send its text, and end it if it is done."""
