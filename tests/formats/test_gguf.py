@@ -268,7 +268,7 @@ def test_plain_llama_bitnet_is_a_llama_gguf(tmp_path, ttype):
     assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-@pytest.mark.parametrize("etype", ["q8_0", "f32"])
+@pytest.mark.parametrize("etype", ["q8_0", "q6_k", "f32"])
 def test_embedding_types(tmp_path, model, etype):
     src, cfg, tensors = model
     convert(src, tmp_path / "m.gguf", to="gguf-tq2_0", embedding_type=etype)
@@ -277,7 +277,7 @@ def test_embedding_types(tmp_path, model, etype):
     back = unpack_tensors(cfg, read_checkpoint(tmp_path / "m.gguf").tensors)["embed.weight"]
     ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(back.shape)
     np.testing.assert_array_equal(back, ref)
-    np.testing.assert_allclose(back, tensors["embed.weight"], atol=0.02)
+    np.testing.assert_allclose(back, tensors["embed.weight"], atol={"q6_k": 0.1}.get(etype, 0.02))
 
 
 # --- what llama.cpp's bitnet graph cannot compute is refused --------------------------------------

@@ -109,6 +109,13 @@ def test_random_model_runs_in_llama_cpp(tmp_path, ttype, arch):
     # quantization) and 0.2% (llama). Rotating the wrong RoPE pairs measured 7% and 1.7%.
     error = np.linalg.norm(theirs - mine) / np.linalg.norm(mine - mine.mean(-1, keepdims=True))
     assert error < {"bitnet": 0.04, "llama": 0.01}[arch]
+    if ttype == "tq2_0":  # a Q6_K embedding (and output): llama.cpp reads what we read
+        convert(src, tmp_path / "q6k.gguf", to="gguf-tq2_0", embedding_type="q6_k")
+        q6k = llama_logits(llama(tmp_path / "q6k.gguf"), ids)
+        ours_q6k = bitnet158.load(tmp_path / "q6k.gguf").logits(ids)
+        spread = np.linalg.norm(ours_q6k - ours_q6k.mean(-1, keepdims=True))
+        assert np.linalg.norm(q6k - ours_q6k) / spread < 0.04
+        assert (q6k.argmax(-1) == ours_q6k.argmax(-1)).mean() >= 0.9
     for text in SAMPLES[:5]:  # llama.cpp's tokenizer from our metadata = our tokenizer
         want = ours.tokenizer.encode(text, add_bos=True)
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == want, text

@@ -88,19 +88,20 @@ GGML_TYPE_NAMES = {
     23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
     30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 36: "I2_S (bitnet.cpp)", 39: "MXFP4",
 }  # fmt: skip
-F32, F16, Q8_0, BF16, TQ1_0, TQ2_0, I2_S = 0, 1, 8, 30, 34, 35, 36
+F32, F16, Q8_0, Q6_K, BF16, TQ1_0, TQ2_0, I2_S = 0, 1, 8, 14, 30, 34, 35, 36
 # type -> (values per block, bytes per block); I2_S has its own rule
 _BLOCKS = {
     F32: (1, 4),
     F16: (1, 2),
     BF16: (1, 2),
     Q8_0: (32, 34),
+    Q6_K: (256, 210),
     TQ1_0: (256, 54),
     TQ2_0: (256, 66),
 }
 TERNARY_TYPES = {"tq1_0": TQ1_0, "tq2_0": TQ2_0}
 FILE_TYPES = {TQ1_0: 36, TQ2_0: 37}  # llama_ftype MOSTLY_TQ1_0 / MOSTLY_TQ2_0
-EMBEDDING_TYPES = ("f16", "f32", "q8_0")
+EMBEDDING_TYPES = ("f16", "f32", "q8_0", "q6_k")
 
 # GGUF metadata value types (gguf.h): id -> struct format of a scalar
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
@@ -244,7 +245,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         if nbytes is None:
             raise FormatError(
                 f"{path}: tensor {name} has GGML type {ggml_type} ({kind}), which bitnet158 "
-                "does not read (it reads F32, F16, BF16, Q8_0, TQ1_0, TQ2_0 and I2_S)"
+                "does not read (it reads F32, F16, BF16, Q8_0, Q6_K, TQ1_0, TQ2_0 and I2_S)"
             )
         if nbytes < 0:
             raise FormatError(
@@ -269,7 +270,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
 
 
 def _floats(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
-    """A float tensor as float32 (F32/F16/BF16 zero-copy views widened, Q8_0 dequantized)."""
+    """A float tensor as float32 (F32/F16/BF16 zero-copy views widened, Q8_0/Q6_K dequantized)."""
     raw = f.raw(t.name)
     if t.ggml_type == F32:
         return raw.view("<f4").reshape(t.shape)
@@ -282,7 +283,54 @@ def _floats(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
         d = blocks[:, :2].copy().view("<f2").astype(np.float32)
         q = blocks[:, 2:].view(np.int8).astype(np.float32)
         return (q * d).reshape(t.shape)
+    if t.ggml_type == Q6_K:
+        return dequantize_q6_k(np.asarray(raw)).reshape(t.shape)
     raise FormatError(f"{f.path}: tensor {t.name} is {t.type_name}, expected a float tensor")
+
+
+# Q6_K (ggml-common.h block_q6_K, 210 bytes per 256 values): ql[128] low 4 bits, qh[64] high
+# 2 bits, int8 scales[16] (one per 16 values), fp16 d. In each half h of 128 values, value v
+# has its low nibble in ql[64h + v % 64] (v < 64: bits 0-3, else 4-7) and its high bits in
+# qh[32h + v % 32] at shift 2 * (v // 32); q = (high << 4 | low) - 32, x = d * scale * q.
+
+
+def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
+    """Q6_K bytes -> float32 values (a multiple of 256)."""
+    b = data.reshape(-1, 210)
+    nb = b.shape[0]
+    ql, qh = b[:, :128].reshape(nb, 2, 64), b[:, 128:192].reshape(nb, 2, 32)
+    scales = b[:, 192:208].view(np.int8).astype(np.float32)
+    d = b[:, 208:210].copy().view("<f2").astype(np.float32)
+    low = np.concatenate([ql & 0xF, ql >> 4], axis=-1)  # [nb, 2, 128]
+    high = (qh[:, :, None, :] >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # [nb, 2, 4, 32]
+    q = (low | (high.reshape(nb, 2, 128) << 4)).astype(np.float32) - 32
+    return (q.reshape(nb, 16, 16) * (d * scales)[:, :, None]).reshape(-1)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """float32 values (a multiple of 256) -> Q6_K bytes uint8[n/256, 210].
+
+    Scales as ggml's quantizer starts them: in each 16 values the one of largest magnitude
+    maps to -32; the 16 scales share d, the largest maps to -128 (without ggml's scale search,
+    so the error is somewhat larger than llama-quantize's, never the format).
+    """
+    sub = np.asarray(x, dtype=np.float32).reshape(-1, 16, 16)
+    nb = sub.shape[0]
+    pick = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]
+    scale = pick / -32
+    big = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(big != 0, -128 / big, 0).astype(np.float32)
+        sc = np.clip(np.round(iscale[:, None] * scale), -128, 127).astype(np.int8)
+        d = np.where(iscale != 0, 1 / iscale, 0).astype(np.float16)
+        step = d.astype(np.float32)[:, None] * sc
+        q = np.where(step[..., None] != 0, np.round(sub / step[..., None]), 0)
+    q = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(nb, 2, 128)
+    low, high = q & 0xF, q >> 4
+    ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(nb, 128)
+    hb = high.reshape(nb, 2, 4, 32) << np.array([0, 2, 4, 6], np.uint8)[:, None]
+    qh = np.bitwise_or.reduce(hb, axis=2).reshape(nb, 64)
+    return np.concatenate([ql, qh, sc.view(np.uint8), d[:, None].view(np.uint8)], axis=1)
 
 
 def _embedding(f: GGUFFile, t: GGUFTensor) -> np.ndarray:
@@ -569,8 +617,12 @@ def write_gguf(
         raise FormatError(f"unknown embedding type {embedding_type!r} (one of {EMBEDDING_TYPES})")
     cfg = ckpt.config
     arch = check_exportable(cfg, ternary_type)
-    if embedding_type == "q8_0" and cfg.hidden_size % 32:
-        raise FormatError(f"Q8_0 embeddings need hidden_size % 32 == 0, got {cfg.hidden_size}")
+    block = {"q8_0": 32, "q6_k": 256}.get(embedding_type, 1)
+    if cfg.hidden_size % block:
+        raise FormatError(
+            f"{embedding_type.upper()} embeddings need hidden_size % {block} == 0, got "
+            f"{cfg.hidden_size}"
+        )
     vocab = vocab_from_tokenizer_json(ckpt.tokenizer_json, cfg.vocab_size)
     qtype = TERNARY_TYPES[ternary_type]
     pack = pack_tq1_0 if qtype == TQ1_0 else pack_tq2_0
@@ -614,11 +666,14 @@ def write_gguf(
 
 
 def _add_matrix(w, gguf, name: str, value: np.ndarray, kind: str) -> None:
-    """token_embd / output in F16, F32 or Q8_0 (an F16 source is written without a copy)."""
+    """token_embd / output in F16, F32, Q8_0 or Q6_K (an F16 source is written without a copy)."""
     value = np.asarray(value)
     if value.dtype == np.uint16:  # BF16 bits
         value = (value.astype(np.uint32) << 16).view(np.float32)
-    if kind == "q8_0":
+    if kind == "q6_k":
+        q = quantize_q6_k(value).reshape(value.shape[0], -1)
+        w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    elif kind == "q8_0":
         q = gguf.quants.quantize(value.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
         w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     else:
