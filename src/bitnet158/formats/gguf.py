@@ -1,4 +1,5 @@
-"""GGUF: llama.cpp `bitnet` files with TQ1_0 / TQ2_0 weights out; those and bitnet.cpp's I2_S in.
+"""GGUF: llama.cpp files (`bitnet`, ternary `llama`) with TQ1_0 / TQ2_0 weights out and in;
+bitnet.cpp's I2_S files in. Embeddings F16 (F32, Q8_0, Q6_K on request).
 
 Facts this module depends on (checked in the llama.cpp that llama-cpp-python 0.3.36 bundles,
 in gguf-py 0.19 and in microsoft/BitNet's converters):
@@ -59,7 +60,7 @@ from .native import NativeCheckpoint, pack_tensors, projection_shapes
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-LLAMA_CPP_ARCH = "bitnet"  # llama.cpp: SiLU-gated FFN, sub-norms
+BITNET_ARCH = "bitnet"  # llama.cpp: SiLU-gated FFN, sub-norms
 LLAMA_ARCH = "llama"  # plain Llama BitNets (Falcon-E, Falcon3-1.58bit, Llama3-8B-1.58)
 BITNET_CPP_ARCHS = ("bitnet-b1.58", "bitnet-25")  # bitnet.cpp's 2B-4T: ReLU²
 
@@ -542,10 +543,10 @@ def load_gguf(
     """A BitNet GGUF file (llama.cpp `bitnet` / ternary `llama`, bitnet.cpp) as our checkpoint."""
     f = read_gguf(path)
     arch = f.metadata.get("general.architecture")
-    if arch not in (LLAMA_CPP_ARCH, LLAMA_ARCH, *BITNET_CPP_ARCHS):
+    if arch not in (BITNET_ARCH, LLAMA_ARCH, *BITNET_CPP_ARCHS):
         raise FormatError(
             f"{f.path}: GGUF architecture {arch!r} is not a BitNet one; bitnet158 reads "
-            f"'{LLAMA_CPP_ARCH}' and ternary '{LLAMA_ARCH}' (llama.cpp), and "
+            f"'{BITNET_ARCH}' and ternary '{LLAMA_ARCH}' (llama.cpp), and "
             f"{', '.join(map(repr, BITNET_CPP_ARCHS))} (bitnet.cpp)"
         )
     cfg = _config(f, arch)
@@ -570,7 +571,7 @@ def check_exportable(cfg: ModelConfig, ternary_type: str = "tq2_0") -> str:
 
     `bitnet` for models with sub-norms, `llama` for plain Llama BitNets.
     """
-    arch = LLAMA_CPP_ARCH if cfg.subln else LLAMA_ARCH
+    arch = BITNET_ARCH if cfg.subln else LLAMA_ARCH
     problems = []
     if cfg.hidden_act != "silu":
         problems.append(
@@ -580,9 +581,9 @@ def check_exportable(cfg: ModelConfig, ternary_type: str = "tq2_0") -> str:
         )
     if cfg.inner_norm or cfg.norm_kind != "rmsnorm" or not cfg.norm_affine:
         problems.append("its norms are not affine RMSNorms (OLMo-Bitnet's are not)")
-    if arch == LLAMA_CPP_ARCH and not cfg.tie_word_embeddings:
+    if arch == BITNET_ARCH and not cfg.tie_word_embeddings:
         problems.append("its lm_head is not tied to the embedding (llama.cpp's bitnet uses token_embd)")  # fmt: skip
-    if arch == LLAMA_CPP_ARCH and cfg.q_size != cfg.hidden_size:
+    if arch == BITNET_ARCH and cfg.q_size != cfg.hidden_size:
         problems.append("heads * head_dim differs from hidden_size (bitnet's shapes are fixed)")
     for proj, (_, k) in projection_shapes(cfg).items():
         if k % QK_K:
