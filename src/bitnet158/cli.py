@@ -694,6 +694,7 @@ def _add_serve_command(sub) -> None:
 
 def _add_bench_command(sub) -> None:
     from . import bench
+    from .eval.efficiency import add_report_arguments
 
     p = sub.add_parser(
         "bench",
@@ -707,7 +708,18 @@ def _add_bench_command(sub) -> None:
         ),
     )
     bench.add_arguments(p)
-    p.set_defaults(func=bench.run_from_args)
+    add_report_arguments(p)  # --report DIR: the efficiency report (bitnet158.eval.efficiency)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        from .eval.efficiency import report_from_args
+
+        return report_from_args(args)
+    from . import bench
+
+    return bench.run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
