@@ -1,5 +1,6 @@
 """The native extension under AddressSanitizer + UBSan: every kernel on every ISA this CPU runs,
-odd shapes, threads, and bad inputs, with no sanitizer report.
+odd shapes, threads, the whole decoder step of two model variants, and bad inputs, with no
+sanitizer report.
 
 The extension is built with -DBITNET158_SANITIZE=ON into build/asan (incremental after the first
 run) and loaded by file path in a subprocess that preloads libasan, so the installed extension and
@@ -78,6 +79,55 @@ SCRIPT = textwrap.dedent(
     for c in callers:
         c.join()
     assert not errors
+
+    # the whole decoder step: GQA + ReLU^2 + subln, and SiLU + inner norm + LayerNorm (OLMo);
+    # f32 and f16 caches, prefill, batched decode at the last position, the int8 output layer
+    def aligned_zeros(shape, dtype):
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        raw = np.zeros(size + 64, np.uint8)
+        off = -raw.ctypes.data % 64
+        return raw[off : off + size].view(dtype).reshape(shape)
+
+    H, I, NH, KVH, D, V, L, CTX = 64, 96, 4, 2, 16, 50, 2, 8
+    shapes = [(NH * D, H), (KVH * D, H), (KVH * D, H), (H, NH * D), (I, H), (I, H), (H, I)]
+    i32 = lambda *v: np.array(v, np.int32)
+    for relu2, subln, inner, layernorm in [(True, True, False, False), (False, False, True, True)]:
+        model = native.Model(
+            hidden=H, inter=I, heads=NH, kv_heads=KVH, head_dim=D, vocab=V, layers=L,
+            relu2=relu2, subln=subln, inner_norm=inner, layernorm=layernorm, eps=1e-5,
+            inner_eps=1e-5, inv_freq=(1.0 / 10000 ** (np.arange(0, D, 2) / D)).astype(np.float32),
+        )
+        w = lambda n: (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+        for layer in range(L):
+            packed = [packing.pack_ours(rng.integers(-1, 2, size=s).astype(np.int8)) for s in shapes]
+            model.set_layer(layer, w(H), w(H), w(NH * D) if subln else None,
+                            w(I) if subln else None, packed, [0.3] * 7)
+        embed = (0.5 * rng.standard_normal((V, H))).astype(np.float16)
+        model.set_embedding(embed, False)
+        model.set_output(w(H), None, False)
+        for head in ("float16", "int8"):
+            if head == "int8":
+                model.set_output_int8(*native.quantize_rows_int8(embed))
+            assert model.head_kind == head
+            for isa in native.available_isas():
+                for threads in (1, 2):
+                    native.set_num_threads(threads)
+                    for dtype in (np.float32, np.float16):
+                        k = aligned_zeros((2, L, KVH, CTX, D), dtype)
+                        v = aligned_zeros((2, L, KVH, CTX, D), dtype)
+                        rows = np.arange(CTX, dtype=np.int64)
+                        out = model.forward(i32(*range(1, CTX + 1)), i32(*[0] * CTX),
+                                            i32(*range(CTX)), k, v, rows, isa=isa)
+                        out2 = model.forward(i32(3, 4), i32(1, 1), i32(0, 1), k, v,
+                                             np.array([1], np.int64), isa=isa)
+                        assert out.shape == (CTX, V) and out2.shape == (1, V)
+                        assert np.isfinite(out).all() and np.isfinite(out2).all()
+                        try:
+                            model.forward(i32(5), i32(0), i32(CTX), k, v, rows[:1], isa=isa)
+                        except ValueError:
+                            pass
+                        else:
+                            raise AssertionError("context overflow accepted")
 
     packed = packing.pack_ours(np.zeros((3, 300), np.int8))
     x = np.zeros((2, 300), np.float32)
