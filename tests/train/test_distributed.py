@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dist_worker import train_curve
+import torch
+from dist_worker import fp_model, train_curve
+
+from bitnet158.train.checkpoint import load_checkpoint
 
 HERE = Path(__file__).parent
 # The full-precision twin is smooth: only float rounding separates the runs (gradients are
@@ -19,8 +22,11 @@ RTOL = {"fp": 2e-5, "bitnet": 5e-3}
 
 
 @pytest.fixture(scope="module")
-def one_process() -> dict:
-    return {kind: train_curve("ddp", 1, kind == "bitnet") for kind in ("fp", "bitnet")}
+def one_process(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("single") / "fp-run"
+    curves = {kind: train_curve("ddp", 1, kind == "bitnet", str(run_dir) if kind == "fp" else None)
+              for kind in ("fp", "bitnet")}  # fmt: skip
+    return {**curves, "run_dir": run_dir}
 
 
 def torchrun(tmp_path: Path, strategy: str, accum: int) -> dict:
@@ -46,6 +52,18 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, one_process, 
     assert run["world"] == 2
     for kind in ("fp", "bitnet"):
         assert_same_curve(run[kind], one_process[kind], kind)
+    # The checkpoint the processes wrote together holds full tensors (gathered under FSDP):
+    # it loads into a single-process model, optimizer state included, and equals the
+    # single-process run's weights to float rounding.
+    from bitnet158.train.loop import param_groups
+
+    ours, theirs = fp_model(), fp_model()
+    opt = torch.optim.AdamW(param_groups(ours))
+    load_checkpoint(tmp_path / f"{strategy}-fp-run" / "step-000006", ours, opt)
+    load_checkpoint(one_process["run_dir"] / "step-000006", theirs)
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert len(opt.state) == len(list(ours.parameters()))
 
 
 def test_gradient_accumulation_matches_the_full_batch(one_process):

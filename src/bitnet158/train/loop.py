@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import BitNetError, ConfigError
 from ..nn.bitlinear import BitLinear, set_lambda
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .schedules import LambdaSchedule, TwoStageSchedule
 
 DTYPES = ("float32", "bfloat16", "auto")
@@ -203,6 +203,32 @@ def _full(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
+def _accumulate_gradients(
+    task: Task,
+    batch: Batch,
+    wrapped: nn.Module,
+    model: nn.Module,
+    cfg: TrainConfig,
+    info: distributed.DistInfo,
+    amp: torch.dtype | None,
+    denom: float,
+) -> torch.Tensor:
+    """Backward over this process's micro-batches; the summed loss of the whole global batch."""
+    per_rank = cfg.batch_size // info.world_size
+    micro = per_rank // cfg.grad_accum
+    local = torch.zeros((), dtype=torch.float64)
+    for m in range(cfg.grad_accum):
+        lo = info.rank * per_rank + m * micro
+        part = {k: v[lo : lo + micro] for k, v in batch.items()}
+        with _no_sync(wrapped, model, m == cfg.grad_accum - 1):
+            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                loss_sum = task.loss_sum(wrapped, part)
+            # x world size: DDP / FSDP average the gradients of the processes, we want the sum
+            (loss_sum.float() * (info.world_size / denom)).backward()
+        local += loss_sum.detach().double()
+    return distributed.all_reduce_sum(local)
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -224,63 +250,44 @@ def fit(
     sched, lam_sched = cfg.schedule(), cfg.lambda_sched()
     opt = torch.optim.AdamW(param_groups(model), lr=sched.lr(0), betas=(cfg.beta1, cfg.beta2))
     amp = autocast_dtype(cfg.dtype)
-    say = log if info.is_main else (lambda _msg: None)
     result = FitResult()
     ckpt_state = {"train_config": dataclasses.asdict(cfg), **(state or {})}
-
-    if cfg.out_dir and cfg.resume and (last := latest_checkpoint(cfg.out_dir)) is not None:
-        meta = load_checkpoint(last, wrapped, opt)
-        _check_resumable(last, meta.get("train_config", {}), cfg)
-        result.steps_done = meta["step"]
-        result.history, result.losses = meta.get("history", []), meta.get("losses", [])
-        say(f"resumed from {last} (step {result.steps_done})")
-
-    def checkpoint() -> None:
-        result.checkpoint = save_checkpoint(
-            cfg.out_dir, result.steps_done, wrapped, opt,
-            {**ckpt_state, "history": result.history, "losses": result.losses},
-            keep=cfg.keep_checkpoints,
-        )  # fmt: skip
-
-    has_bitlinear = any(isinstance(m, BitLinear) for m in model.modules())
-    per_rank = cfg.batch_size // info.world_size
-    micro = per_rank // cfg.grad_accum
     bar = None
     if cfg.progress and info.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=result.steps_done, unit="step", desc="train")
+        bar = tqdm(total=cfg.steps, unit="step", desc="train")
+    say = (bar.write if bar is not None else log) if info.is_main else (lambda _msg: None)
+
+    if cfg.out_dir and cfg.resume and (last := latest_checkpoint(cfg.out_dir)) is not None:
+        _check_resumable(last, read_state(last).get("train_config", {}), cfg)
+        meta = load_checkpoint(last, wrapped, opt)
+        result.steps_done = meta["step"]
+        result.history = meta.get("history", [])
+        result.losses, result.grad_norms = meta.get("losses", []), meta.get("grad_norms", [])
+        say(f"resumed from {last} (step {result.steps_done})")
+        if bar is not None:
+            bar.update(result.steps_done)
+
+    has_bitlinear = any(isinstance(m, BitLinear) for m in model.modules())
+    warmup = has_bitlinear and cfg.lambda_schedule != "constant"
     wrapped.train()
     t0, first = time.time(), result.steps_done
     for step in range(result.steps_done, cfg.steps):
-        lr, wd = sched.lr(step), sched.weight_decay(step)
+        lr, wd, lam = sched.lr(step), sched.weight_decay(step), lam_sched(step)
         for group in opt.param_groups:
             group["lr"] = lr
             group["weight_decay"] = wd if group["decay"] else 0.0
-        lam = lam_sched(step)
-        if has_bitlinear and cfg.lambda_schedule != "constant":
+        if warmup:
             set_lambda(model, lam)
         batch = task.batch(step)
         rows = next(iter(batch.values())).shape[0]
         if rows != cfg.batch_size:
-            raise TrainingError(
-                f"step {step}: the task built {rows} rows, expected {cfg.batch_size}"
-            )
+            raise TrainingError(f"step {step}: the task built {rows} rows, not {cfg.batch_size}")
         denom = float(task.normalizer(batch))
         if not denom > 0:
-            raise TrainingError(
-                f"step {step}: the batch has nothing to learn from (normaliser {denom})"
-            )
-        local = torch.zeros((), dtype=torch.float64)
-        for m in range(cfg.grad_accum):
-            lo = info.rank * per_rank + m * micro
-            part = {k: v[lo : lo + micro] for k, v in batch.items()}
-            with _no_sync(wrapped, model, m == cfg.grad_accum - 1):
-                with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    loss_sum = task.loss_sum(wrapped, part)
-                (loss_sum.float() * (info.world_size / denom)).backward()
-            local += loss_sum.detach().double()
-        total = distributed.all_reduce_sum(local)
+            raise TrainingError(f"step {step}: nothing to learn from in the batch ({denom})")
+        total = _accumulate_gradients(task, batch, wrapped, model, cfg, info, amp, denom)
         loss = (total / denom).item()
         if not math.isfinite(loss):
             raise TrainingError(_stopped("loss", loss, step, cfg))
@@ -295,32 +302,30 @@ def fit(
         result.grad_norms.append(gnorm)
         if on_step is not None:
             on_step(step, loss)
-        per_item = (total / task.count(batch)).item()
+        per_item = (total / task.count(batch)).item()  # per token (or pair), whatever the sum
         if bar is not None:
             bar.set_postfix(loss=f"{per_item:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             rate = (step + 1 - first) / max(time.time() - t0, 1e-9)
-            extra = f"  λ {lam:.3f}" if has_bitlinear and cfg.lambda_schedule != "constant" else ""
-            shown = f"loss {loss:.4f}" + (
-                f" ({per_item:.4f}/item)" if abs(per_item - loss) > 1e-9 else ""
-            )
-            say(f"step {step:5d}  {shown}  lr {lr:.2e}  wd {wd:.3f}  |g| {gnorm:.3f}{extra}  "
-                f"{rate:.2f} step/s")  # fmt: skip
+            shown = f"loss {loss:.4f}" + (f" ({per_item:.4f}/item)" if per_item != loss else "")
+            say(f"step {step:5d}  {shown}  lr {lr:.2e}  wd {wd:.3f}  |g| {gnorm:.3f}"
+                + (f"  λ {lam:.3f}" if warmup else "") + f"  {rate:.2f} step/s")  # fmt: skip
         if evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
             val = evaluate(wrapped)
             wrapped.train()
+            ppl = math.exp(min(val, 700))
             result.history.append({"step": step + 1, "train_loss": per_item, "val_loss": val,
-                                   "val_ppl": math.exp(min(val, 700)),
-                                   "seconds": time.time() - t0})  # fmt: skip
-            say(
-                f"eval  step {step + 1}: held-out loss {val:.4f}  ppl {math.exp(min(val, 700)):.2f}"
-            )
-        if cfg.out_dir and (
-            (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-            or step == cfg.steps - 1
-        ):
-            checkpoint()
+                                   "val_ppl": ppl, "seconds": time.time() - t0})  # fmt: skip
+            say(f"eval  step {step + 1}: held-out loss {val:.4f}  ppl {ppl:.2f}")
+        every = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+        if cfg.out_dir and (every or step == cfg.steps - 1):
+            result.checkpoint = save_checkpoint(
+                cfg.out_dir, result.steps_done, wrapped, opt,
+                {**ckpt_state, "history": result.history, "losses": result.losses,
+                 "grad_norms": result.grad_norms},
+                keep=cfg.keep_checkpoints,
+            )  # fmt: skip
     if bar is not None:
         bar.close()
     if cfg.out_dir and result.checkpoint is None and result.steps_done:
