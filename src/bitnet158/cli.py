@@ -234,8 +234,9 @@ def _train_args(p: argparse.ArgumentParser, steps: int, batch: int, seq: int, lr
     g.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "auto"),
-        default="float32",
-        help="bfloat16 autocast; auto = where the CPU has bf16 instructions",
+        default="auto",
+        help="matmuls in bfloat16 (autocast) or float32; auto (default): bfloat16 where the "
+        "CPU has bf16 instructions (AVX512-BF16, AMX)",
     )
     g.add_argument(
         "--strategy",
