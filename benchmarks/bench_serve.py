@@ -217,8 +217,10 @@ def main() -> None:
         server.wait(30)
 
     base = levels[0]["tokens_per_second"]
+    load = os.getloadavg()[1]  # other processes share the CPUs: say how busy they were
     print(f"\nmodel: {model.name}, lm_head {args.lm_head}, {args.requests} requests per client "
-          f"x {args.max_tokens} tokens, {os.cpu_count()} CPUs ({platform.machine()})\n")  # fmt: skip
+          f"x {args.max_tokens} tokens, {os.cpu_count()} CPUs ({platform.machine()}), "
+          f"5-minute load average {load:.1f}\n")  # fmt: skip
     print("| clients | total tokens/s | vs 1 client | TTFT median (s) | TTFT max (s) "
           "| per-token median (ms) | mean decode batch |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -229,7 +231,8 @@ def main() -> None:
               f"{lv['mean_batch']:.1f} |")  # fmt: skip
     report = {"model": str(model), "lm_head": args.lm_head, "requests_per_client": args.requests,
               "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
-              "machine": platform.machine(), "levels": levels}  # fmt: skip
+              "machine": platform.machine(), "load_average_5min": load,
+              "levels": levels}  # fmt: skip
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 

@@ -18,7 +18,6 @@ weights are read once per step whatever the number of sequences. Tests drive it 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -157,7 +156,6 @@ class Generation:
     slot: int | None = None
     prefilled: int = 0  # prompt tokens in the cache so far
     cancelled: bool = False
-    submitted_at: float = field(default_factory=time.perf_counter)
     _last: int = -1
     _history: list[int] = field(default_factory=list)
 
