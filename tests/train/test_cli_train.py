@@ -184,3 +184,24 @@ def test_errors_are_one_line(trained, capsys, args, message):
     code, _, err = run(capsys, *[a.format(d=trained) for a in args])
     assert code == 1 and "Traceback" not in err
     assert err.startswith("bitnet158: error:") and message in err
+
+
+def test_torchrun_two_processes_fsdp_train_and_export(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "bitnet158.cli", "train", "--data", str(trained / "tok"), "--out",
+           str(tmp_path / "run"), "--strategy", "fsdp", "--export", str(tmp_path / "m.safetensors"),
+           *[a for a in TRAIN if a != "--json"]]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("steps: 6") == 1  # the summary comes from process 0 only
+    model, _ = load_for_export(tmp_path / "run")
+    ids = [0, 20, 31, 45]
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(bitnet158.load(tmp_path / "m.safetensors").logits(ids), want,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip

@@ -22,7 +22,14 @@ from ..formats.tokenizer import Tokenizer
 from ..nn.model import Transformer
 from .data import TokenizeStats, TokenShards, split_holdout, tokenize_to_shards
 from .loop import TrainConfig
-from .models import export_hf, export_native, load_for_export, load_trainable, make_tokenizer
+from .models import (
+    export_hf,
+    export_native,
+    gathered,
+    load_for_export,
+    load_trainable,
+    make_tokenizer,
+)
 
 Log = Callable[[str], None]
 
@@ -73,6 +80,18 @@ def _tokenize(files, out, tok_json: str, field="text", shard_tokens=1 << 24, pro
     return stats
 
 
+def _main_first(work: Callable[[], object]) -> None:
+    """Run `work` on process 0 only, the others waiting for it (files shared by the processes)."""
+    import torch.distributed as dist
+
+    from .distributed import current
+
+    if current().is_main:
+        work()
+    if current().enabled:
+        dist.barrier()
+
+
 def _token_data(paths: Sequence[str | os.PathLike], run: Path, tok_json: str, name: str):
     """Token shards of token directories or of text/JSON-lines files (tokenized into the run)."""
     paths = [Path(p) for p in paths]
@@ -80,22 +99,24 @@ def _token_data(paths: Sequence[str | os.PathLike], run: Path, tok_json: str, na
         return TokenShards(paths[0])
     if any(p.is_dir() for p in paths):
         raise ConfigError("give one token directory, or text / JSON-lines files")
-    _tokenize(paths, run / name, tok_json)
+    _main_first(lambda: _tokenize(paths, run / name, tok_json))
     return TokenShards(run / name)
 
 
 def _write_run_files(run: Path, cfg: ModelConfig, tok_json: str) -> None:
     """The run's config.json and tokenizer.json; a resumed run must have the same config."""
-    run.mkdir(parents=True, exist_ok=True)
     cfg_path = run / "config.json"
-    if cfg_path.is_file():
-        old = ModelConfig.from_json(cfg_path.read_text())
-        if old != cfg:
-            raise ConfigError(
-                f"{run} holds a run of another model configuration; use a new --out directory"
-            )
-    cfg_path.write_text(cfg.to_json())
-    (run / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+    if cfg_path.is_file() and ModelConfig.from_json(cfg_path.read_text()) != cfg:
+        raise ConfigError(
+            f"{run} holds a run of another model configuration; use a new --out directory"
+        )
+
+    def write() -> None:
+        run.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(cfg.to_json())
+        (run / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+
+    _main_first(write)
 
 
 def _finish(model, result, tcfg: TrainConfig, tok_json: str, template, export, export_hf_dir, log):
@@ -107,6 +128,7 @@ def _finish(model, result, tcfg: TrainConfig, tok_json: str, template, export, e
         summary["val_ppl"] = math.exp(min(summary["val_loss"], 700))
     from .distributed import current
 
+    model = gathered(model)  # collective: every process takes part
     if current().is_main:
         if export:
             summary["export"] = str(export_native(model, export, tok_json, template))

@@ -97,6 +97,29 @@ def export_hf(
     return directory
 
 
+def gathered(model: nn.Module) -> nn.Module | None:
+    """The whole model on process 0 of a distributed run (None elsewhere), the model otherwise.
+
+    Under FSDP each process holds a shard: every process must call this (it gathers).
+    """
+    from .distributed import current
+
+    if not current().enabled:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not current().is_main:
+        return None
+    if not isinstance(model, Transformer):
+        raise ConfigError("exporting a distributed run works for bitnet158 Transformers only")
+    copy = Transformer(model.config, ternary=any(isinstance(m, BitLinear) for m in model.modules()))
+    copy.load_state_dict(full)
+    return copy
+
+
 def load_for_export(run_or_checkpoint: str | os.PathLike) -> tuple[Transformer, dict]:
     """The Transformer of a bitnet158 training checkpoint (or a run's newest one), and its state.json."""
     path = Path(run_or_checkpoint)
