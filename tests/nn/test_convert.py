@@ -131,3 +131,24 @@ def test_converted_model_fine_tunes_with_a_lambda_warm_up():
     result = pretrain(model, tokens, None, cfg, log=lambda s: None)
     assert all(m.lam == 1.0 for m in model.modules() if isinstance(m, BitLinear))
     assert np.mean(result.losses[-5:]) < 0.75 * np.mean(result.losses[:3])
+
+
+def test_unfreeze_scales_keeps_a_loaded_ternary_model_and_frees_its_scales():
+    from bitnet158.nn.convert import unfreeze_scales
+
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    trained = Transformer(cfg)
+    loaded = Transformer.from_tensors(cfg, trained.to_tensors())
+    assert all(m.fixed_beta is not None for m in loaded.modules() if isinstance(m, BitLinear))
+    unfreeze_scales(loaded)
+    ids = torch.randint(0, 50, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), trained(ids), rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(
+        loaded.to_tensors().items(), trained.to_tensors().values(), strict=True
+    ):
+        if name.endswith(".codes"):
+            assert np.array_equal(a, b), name
+    assert all(m.fixed_beta is None for m in loaded.modules() if isinstance(m, BitLinear))

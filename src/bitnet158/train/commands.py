@@ -8,7 +8,6 @@ command again with the same `out` resumes from the newest checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -32,6 +31,13 @@ from .models import (
 )
 
 Log = Callable[[str], None]
+
+
+def _main_log(log: Log) -> Log:
+    """`log` on process 0, silence on the others (each process of torchrun runs the command)."""
+    from .distributed import current
+
+    return log if current().is_main else (lambda _msg: None)
 
 
 def read_tokenizer(path: str | os.PathLike | None) -> tuple[str, str | None]:
@@ -155,6 +161,7 @@ def run_pretraining(
     log: Log = print,
 ) -> dict:
     """Pretrain (or continue pretraining) a bitnet158 Transformer on token data; a summary."""
+    log = _main_log(log)
     from .pretrain import pretrain
 
     run = Path(out)
@@ -214,6 +221,7 @@ def run_sft(
     log: Log = print,
 ) -> dict:
     """Supervised fine-tuning of a model on JSON-lines conversations; a summary."""
+    log = _main_log(log)
     from .sft import read_conversations, sft
 
     tcfg.out_dir = str(out)
@@ -241,6 +249,7 @@ def run_dpo(
     log: Log = print,
 ) -> dict:
     """DPO of a model on JSON-lines preference pairs against a frozen reference; a summary."""
+    log = _main_log(log)
     from .dpo import dpo, read_preferences
 
     tcfg.out_dir = str(out)
@@ -318,4 +327,5 @@ def export_run(
     make_tokenizer(tok_json, template, model.config)  # fails early on a broken tokenizer
     if hf:
         return export_hf(model, dst, tok_json, template)
-    return export_native(model, dst, tok_json, template, source=f"train:{json.dumps(meta['step'])}")
+    source = f"bitnet158 training checkpoint, step {meta['step']}"
+    return export_native(model, dst, tok_json, template, source=source)

@@ -65,12 +65,8 @@ def export_hf(
     """
     directory = Path(directory)
     if isinstance(model, Transformer):
-        try:
-            from ..formats.hf_export import save_hf
-        except ImportError:
-            raise ConfigError(
-                "this installation has no transformers exporter (bitnet158.formats.hf_export)"
-            ) from None
+        from ..formats.hf_export import save_hf
+
         cfg, tensors = canonical_tensors(model)
         ckpt = NativeCheckpoint(cfg, {}, tokenizer_json, chat_template, directory)
         return save_hf(directory, ckpt, tensors)
