@@ -309,12 +309,12 @@ class ReportOptions:
 
     sizes: tuple[str, ...] = DEFAULT_SIZES
     threads: int | None = None  # default: all cores this process may use
-    prompt: int = 256  # prefill tokens
+    prompt: int = 512  # prefill tokens
     decode: int = 64  # decode tokens (latency = their mean time)
     reps: int = 2  # repetitions, the fastest counts
     memory_limit: float | None = None  # bytes a measured process may use (default 70 % of free)
     budget: float | None = None  # Table 3 budget in bytes (default: fp16 model + 16 sequences)
-    batch_size: str | None = None  # Table 3 size (default: largest whose fp16 model fits)
+    throughput_size: str | None = None  # Table 3's size (default: the largest that fits)
     batch_seq: int = 512  # tokens per sequence in Table 3, as the paper
     batch_steps: int = 8  # batched decode steps timed
     max_batch: int = 256  # the most sequences measured (llama.cpp allows 256)
@@ -348,6 +348,7 @@ def measure(opts: ReportOptions, log: Callable[[str], None] = print) -> dict:
             "threads": threads,
             "memory_available_gib": available_memory() / GiB,
             "memory_limit_gib": limit / GiB,
+            "load_average_start": os.getloadavg()[0],
         },
         "settings": {
             "prompt": opts.prompt,
@@ -393,7 +394,7 @@ def measure(opts: ReportOptions, log: Callable[[str], None] = print) -> dict:
             need = weights * 2.2 if model == "BitNet b1.58" else weights * 1.1  # + writing it
             need += kv + 0.5 * GiB
             if model == "LLaMA fp16" and (not opts.fp16 or fp16_error):
-                run["error"] = fp16_error or "not requested (--no-fp16)"
+                run["error"] = fp16_error or "not requested (--no-peers)"
                 continue
             if need > limit:
                 run["error"] = (
@@ -431,6 +432,7 @@ def measure(opts: ReportOptions, log: Callable[[str], None] = print) -> dict:
                 path.unlink(missing_ok=True)
 
     results["throughput"] = _measure_batched(opts, results, threads, limit, workdir, log)
+    results["machine"]["load_average_end"] = os.getloadavg()[0]
     if not opts.keep_models:
         for f in workdir.glob("*.gguf"):
             f.unlink()
@@ -492,7 +494,7 @@ def _measure_batched(opts, results, threads, limit, workdir, log) -> dict:
     measured = [
         s for s, e in results["sizes"].items() if all("latency_ms" in e["runs"][m] for m in MODELS)
     ]
-    candidates = [opts.batch_size] if opts.batch_size else measured[::-1]
+    candidates = [opts.throughput_size] if opts.throughput_size else measured[::-1]
     plan = None
     for size in candidates:
         if size not in measured:
@@ -545,7 +547,9 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [
         f"Measured on {m['processor']} with {m['threads']} thread(s) "
-        f"({m['memory_available_gib']:.1f} GiB memory available); random weights. "
+        f"({m['memory_available_gib']:.1f} GiB memory available; 1-minute load average "
+        f"{m['load_average_start']:.1f} at the start, {m.get('load_average_end', 0):.1f} at the "
+        "end: other work shared the machine); random weights. "
         f"BitNet b1.58: {s['bitnet']}. LLaMA fp16: {s['fp16']}. KV cache {s['kv_cache']}. "
         f"Decode latency: mean time per token over {s['decode']} tokens from an empty context; "
         f"prefill: {s['prompt']} tokens; the fastest of {s['reps']} runs. Ratios (in brackets) "
@@ -782,7 +786,7 @@ def report_from_args(args, log: Callable[[str], None] | None = None) -> int:
         reps=args.reps,
         memory_limit=args.memory_limit * GiB if args.memory_limit else None,
         budget=args.budget * GiB if args.budget else None,
-        batch_size=args.throughput_size,
+        throughput_size=args.throughput_size,
         batch_seq=args.batch_seq,
         batch_steps=args.batch_steps,
         max_batch=args.max_batch,

@@ -105,7 +105,9 @@ class EngineScorer(Scorer):
         from ..engine.model import PREFILL_CHUNK
 
         engine = self.model.engine
-        cache = engine.new_cache(max(len(ids) for ids in batch), slots=len(batch))
+        cache = engine.new_cache(  # one slot per sequence, in the model's KV dtype
+            max(len(ids) for ids in batch), self.model.kv_cache_dtype, slots=len(batch)
+        )
         tokens = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in batch])
         slots = np.concatenate([np.full(len(ids), i) for i, ids in enumerate(batch)])
         positions = np.concatenate([np.arange(len(ids)) for ids in batch])
