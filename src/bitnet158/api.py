@@ -185,8 +185,8 @@ def load(
     `.safetensors` files (memory-mapped), or a Hugging Face checkpoint directory (packed on
     the fly).
 
-    `lm_head`: "exact" (the stored F32/F16/BF16 output layer) or "int8" (a per-row int8 copy,
-    faster decode); `kv_cache_dtype`: "float32" or "float16" (half the cache memory).
+    `lm_head`: "exact" (the stored F32/F16/BF16 output layer), "int8" (a per-row int8 copy)
+    or "q4" (4-bit groups of 32): faster decode; `kv_cache_dtype`: "float32" or "float16" (half the cache memory).
     """
     if max_context is not None and max_context < 1:
         raise ValueError(f"max_context must be a positive integer, got {max_context}")

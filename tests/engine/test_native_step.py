@@ -50,14 +50,33 @@ def test_float16_cache_is_close(variant):
     assert np.abs(half - exact).max() <= 2e-2 * np.abs(exact).max()
 
 
-def test_int8_output_layer(variant):
+@pytest.mark.parametrize("head,min_corr", [("int8", 0.999), ("q4", 0.97)])
+def test_compressed_output_layer(variant, head, min_corr):
     path, *_ = variant
     exact = bitnet158.load(path)
-    int8 = bitnet158.load(path, lm_head="int8")
-    assert exact.engine.head_kind == "float32" and int8.engine.head_kind == "int8"
-    want, got = exact.logits(IDS), int8.logits(IDS)
-    assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+    small = bitnet158.load(path, lm_head=head)
+    assert exact.engine.head_kind == "float32" and small.engine.head_kind == head
+    want, got = exact.logits(IDS), small.logits(IDS)
+    # 64-wide rows of these tiny models: 4-bit groups err by ~10 % per logit; 2560-wide ones less
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] >= min_corr
+    scalar = native_logits(small.engine, IDS, "scalar")
+    for isa in ISAS:  # the SIMD kernels sum the same exact integers in another float order
+        np.testing.assert_allclose(native_logits(small.engine, IDS, isa), scalar, rtol=0,
+                                   atol=1e-5 * np.abs(scalar).max())  # fmt: skip
+
+
+def test_q4_layout_round_trips():
+    """Nibble layout of kernels.h Q4RowsFn: byte 64c + m holds weights 128c + m and 128c + 64 + m."""
+    w = np.random.default_rng(1).standard_normal((37, 300)).astype(np.float16)
+    nib, d = _native.quantize_rows_q4(w, False)
+    assert nib.shape == (37, 192) and d.shape == (37, 12) and nib.ctypes.data % 64 == 0
+    u = np.concatenate([nib.reshape(37, 3, 64) & 15, nib.reshape(37, 3, 64) >> 4], axis=2)
+    q = u.reshape(37, 384).astype(np.int32) - 8
+    scale = np.repeat(d.view(np.float16).astype(np.float32), 32, axis=1)
+    back = q * scale
+    assert np.all(np.abs(back[:, :300] - w) <= scale[:, :300] / 2 + 1e-3)
+    assert np.all(q[:, 300:] == 0)
+    assert q.min() >= -8 and q.max() <= 7
 
 
 def test_batched_decode_equals_one_sequence_at_a_time(tiny_path):

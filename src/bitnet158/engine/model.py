@@ -23,7 +23,9 @@ from ..formats.native import FLOAT_MATRICES, projection_shapes
 from .kv_cache import KVCache
 
 PREFILL_CHUNK = 512  # prompt tokens per native call: bounds the step's scratch memory
-HEAD_KINDS = ("exact", "int8")  # output layer: the stored float matrix, or an int8 copy per row
+# The output layer: the stored float matrix, an int8 copy (a scale per row) or a 4-bit copy
+# (groups of 32 with an f16 scale each), made at load.
+HEAD_KINDS = ("exact", "int8", "q4")
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
@@ -44,8 +46,8 @@ class EngineModel:
     """A BitNet b1.58 decoder over native tensors (`.packed` names, see formats.native).
 
     `lm_head`: "exact" runs the output layer in its stored dtype (F32/F16/BF16, as the
-    checkpoint has it); "int8" quantizes it per row at load (half the bytes of F16 per token;
-    the embedding lookup stays exact).
+    checkpoint has it); "int8" quantizes it per row at load (half the bytes of F16 per token),
+    "q4" to 4 bits in groups of 32 (0.56 bytes per weight). The embedding lookup stays exact.
     """
 
     def __init__(
@@ -97,10 +99,11 @@ class EngineModel:
         if not cfg.tie_word_embeddings:
             head, head_bf16 = _float_matrix(tensors, "lm_head.weight")
         self.native.set_output(vector("norm.weight"), head, head_bf16)
+        source = embed if head is None else head
         if lm_head == "int8":
-            self.native.set_output_int8(
-                *_native.quantize_rows_int8(embed if head is None else head, head_bf16)
-            )
+            self.native.set_output_int8(*_native.quantize_rows_int8(source, head_bf16))
+        elif lm_head == "q4":
+            self.native.set_output_q4(*_native.quantize_rows_q4(source, head_bf16))
 
     @property
     def head_kind(self) -> str:

@@ -34,6 +34,8 @@ struct Kernels {
     AttendFn attend;
     FloatRowsFn float_rows;
     Int8RowsFn int8_rows;
+    SiluMulFn silu_mul;
+    Q4RowsFn q4_rows;
 };
 const Kernels& kernels_for(Isa isa);
 

@@ -11,6 +11,15 @@
 
 #include "threadpool.h"
 
+// Row-wise float loops (norms, ReLU^2) compiled for AVX-512, AVX2 and the baseline, picked by
+// the loader from CPUID. They neither reassociate nor contract (-ffp-contract=off), so every
+// clone computes the same bits.
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define BITNET158_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define BITNET158_CLONES
+#endif
+
 namespace bitnet158 {
 
 namespace {
@@ -66,9 +75,18 @@ struct NormSpec {
     bool layernorm = false;
 };
 
+// ReLU^2 gate: g[i] = relu(g[i])^2 * u[i] (branch-free: the signs of g are random).
+BITNET158_CLONES void relu2_mul(float* __restrict g, const float* __restrict u, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float r = std::max(g[i], 0.0f);
+        g[i] = (r * r) * u[i];
+    }
+}
+
 // y[k] = norm(x) (y may be x). The mean of squares sums float squares in double: closer to
 // exact than any float order, so within rounding of torch's pairwise float sums.
-void norm_row(const float* x, float* y, int64_t k, const float* w, float eps, bool layernorm) {
+BITNET158_CLONES void norm_row(const float* x, float* y, int64_t k, const float* w, float eps,
+                               bool layernorm) {
     if (layernorm) {
         double sum = 0.0;
         for (int64_t i = 0; i < k; ++i) sum += x[i];
@@ -274,15 +292,10 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
         const NormSpec ffn_sub{sh.subln, w.ffn_sub_norm, sh.eps, false};
         for_rows(T, I, [&](int64_t t) {
             float* g = &gate[size_t(t * I)];
-            const float* u = &up[size_t(t * I)];
-            if (sh.relu2) {
-                for (int64_t i = 0; i < I; ++i) {
-                    const float r = g[i] > 0.0f ? g[i] : 0.0f;
-                    g[i] = (r * r) * u[i];
-                }
-            } else {  // silu(g) = g / (1 + exp(-g)), as torch evaluates it
-                for (int64_t i = 0; i < I; ++i) g[i] = (g[i] / (1.0f + std::exp(-g[i]))) * u[i];
-            }
+            if (sh.relu2)
+                relu2_mul(g, &up[size_t(t * I)], I);
+            else
+                kern.silu_mul(g, &up[size_t(t * I)], I);
             prep_row(kern, g, I, ffn_sub, inner, xq_ + t * kpI, kpI, &s[size_t(t)], &xs[size_t(t)]);
         });
         const GemmTask down{w.down.packed, H, to_f32(x.data(), s.data(), w.down.beta, H, true)};
@@ -295,7 +308,23 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
     for (int64_t r = 0; r < R; ++r)
         norm_row(&x[size_t(out_rows[r] * H)], &h[size_t(r * H)], H, m.final_norm, sh.eps, sh.layernorm);
     const int64_t threads = num_threads();
-    if (m.head.w_i8) {
+    if (m.head.w_q4) {
+        const int64_t kp = m.head.kpad;
+        AlignedArray<int8_t> hq(R * kp);
+        std::vector<int32_t> corr(static_cast<size_t>(R * kp / 4));
+        std::vector<float> inv_s(static_cast<size_t>(R));
+        for (int64_t r = 0; r < R; ++r) {
+            int8_t* q = hq.get() + r * kp;
+            inv_s[size_t(r)] = 1.0f / kern.quantize_row(&h[size_t(r * H)], H, q);
+            for (int64_t j = 0; j < kp / 4; ++j)
+                corr[size_t(r * kp / 4 + j)] = -8 * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
+        }
+        const int64_t rows = std::max(cdiv(kMinHeadChunkBytes, kp / 2), cdiv(V, 4 * threads));
+        parallel_for(cdiv(V, rows), [&](int64_t c) {
+            kern.q4_rows(hq.get(), corr.data(), inv_s.data(), R, kp, m.head.w_q4, m.head.d_q4,
+                         c * rows, std::min(V, (c + 1) * rows), logits, V);
+        });
+    } else if (m.head.w_i8) {
         const int64_t kp = m.head.kpad;
         AlignedArray<int8_t> hq(R * kp);
         std::vector<float> hs(static_cast<size_t>(R));
@@ -332,6 +361,29 @@ void quantize_rows_int8(const void* w, Dtype dtype, int64_t rows, int64_t k, int
         row_scale[r] = kern.quantize_row(tmp, k, qr);
         std::memset(qr + k, 0, size_t(kpad - k));
         row_sum_out[r] = row_sum(qr, k);
+    });
+}
+
+void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64_t kpad,
+                      uint8_t* nibbles, uint16_t* d) {
+    for_rows(rows, k, [&](int64_t r) {
+        float* tmp = scratch(kpad, 0);
+        for (int64_t i = 0; i < kpad; ++i) tmp[i] = i < k ? element(w, dtype, r * k + i) : 0.0f;
+        uint8_t* nib = nibbles + r * (kpad / 2);
+        std::memset(nib, 0, size_t(kpad / 2));
+        for (int64_t g = 0; g < kpad / 32; ++g) {
+            float amax = 0.0f;
+            for (int64_t i = 32 * g; i < 32 * g + 32; ++i) amax = std::max(amax, std::fabs(tmp[i]));
+            const uint16_t dh = float_to_half(amax / 7.0f);
+            d[r * (kpad / 32) + g] = dh;
+            const float df = half_to_float(dh);
+            for (int64_t i = 32 * g; i < 32 * g + 32; ++i) {
+                const float q = df > 0.0f ? std::nearbyint(tmp[i] / df) : 0.0f;
+                const int u = static_cast<int>(std::min(7.0f, std::max(-8.0f, q))) + 8;
+                const int64_t c = i / 128, m = i % 128;  // byte 64c + m%64, high nibble if m >= 64
+                nib[64 * c + m % 64] |= static_cast<uint8_t>(m < 64 ? u : u << 4);
+            }
+        }
     });
 }
 

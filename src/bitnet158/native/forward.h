@@ -39,14 +39,17 @@ struct ModelShape {
     float eps = 1e-5f, inner_eps = 1e-5f;
 };
 
-// The output layer: exact float rows (f32/f16/bf16), or int8 rows with a scale per row:
-// logit = float(x_q . w_q) / s_x / row_scale.
+// The output layer: exact float rows (f32/f16/bf16); int8 rows with a scale per row (logit =
+// float(x_q . w_q) / s_x / row_scale); or 4-bit groups of 32 with an f16 scale each (kernels.h
+// Q4RowsFn). The hidden state is quantized per token to int8 for the last two.
 struct OutputLayer {
-    const void* w = nullptr;  // [vocab, hidden] of dtype, when not int8
+    const void* w = nullptr;  // [vocab, hidden] of dtype
     Dtype dtype = Dtype::f32;
     const int8_t* w_i8 = nullptr;       // int8[vocab, kpad], kpad = hidden rounded up to 64
     const float* row_scale = nullptr;   // float32[vocab]
     const int32_t* row_sum = nullptr;   // int32[vocab]
+    const uint8_t* w_q4 = nullptr;      // uint8[vocab, kpad / 2], kpad = hidden rounded up to 128
+    const uint16_t* d_q4 = nullptr;     // f16[vocab, kpad / 32]
     int64_t kpad = 0;
 };
 
@@ -88,5 +91,11 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
 // row, the activation rule applied to weights).
 void quantize_rows_int8(const void* w, Dtype dtype, int64_t rows, int64_t k, int64_t kpad,
                         int8_t* q, float* row_scale, int32_t* row_sum, Isa isa);
+
+// 4-bit copy of a float matrix w [rows, k] (dtype) in the layout of kernels.h Q4RowsFn:
+// nibbles uint8[rows, kpad / 2], d f16[rows, kpad / 32] with d = max|w| / 7 over each group
+// of 32 (rounded to f16) and q = clip(round(w / d), -8, 7); kpad = k rounded up to 128.
+void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64_t kpad,
+                      uint8_t* nibbles, uint16_t* d);
 
 }  // namespace bitnet158

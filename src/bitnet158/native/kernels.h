@@ -51,6 +51,18 @@ using AttendFn = void (*)(const float* q, int64_t group, const void* keys, const
 using FloatRowsFn = void (*)(const float* h, int64_t T, int64_t k, const void* w, Dtype wt,
                              int64_t r0, int64_t r1, float* out, int64_t ldo);
 
+// The 4-bit output layer: rows of W in groups of 32 weights q in [-8, 7] with an f16 scale d
+// each; 128 weights take 64 bytes, byte m holding q+8 of weight m (low nibble) and of weight
+// 64 + m (high nibble). out[t * ldo + r] = inv_s[t] * sum_g d[r, g] * (x_q[t] . q[r])_g for
+// rows [r0, r1). x_q int8[T, kpad] (kpad a multiple of 128, zero padded), x_corr int32[T,
+// kpad/4] = -8 * (sum of each 4 consecutive x_q), w uint8[rows, kpad/2], d f16[rows, kpad/32].
+using Q4RowsFn = void (*)(const int8_t* x_q, const int32_t* x_corr, const float* inv_s, int64_t T,
+                          int64_t kpad, const uint8_t* w, const uint16_t* d, int64_t r0,
+                          int64_t r1, float* out, int64_t ldo);
+
+// SwiGLU: g[i] = silu(g[i]) * u[i], silu(x) = x / (1 + e^-x) as torch evaluates it.
+using SiluMulFn = void (*)(float* g, const float* u, int64_t n);
+
 // The int8 output layer: out[t * ldo + r] = sum_i x_q[t, i] * W[r, i], exact, for rows
 // r in [r0, r1) of W int8[rows, kpad] (kpad a multiple of 64, zero padded, like x_q int8[T,
 // kpad]); w_sum int32[rows] = sum_i W[r, i] (for kernels that compute in unsigned x + 128).
@@ -84,7 +96,11 @@ using GemmGroupsFn = void (*)(const int8_t* x_q, const int32_t* x_sum, int64_t T
                           int64_t r0, int64_t r1, float* out, int64_t ldo);                    \
     void int8_rows_##isa(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,          \
                          const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out,           \
-                         int64_t ldo);
+                         int64_t ldo);                                                         \
+    void silu_mul_##isa(float* g, const float* u, int64_t n);                                 \
+    void q4_rows_##isa(const int8_t* x_q, const int32_t* x_corr, const float* inv_s, int64_t T, \
+                       int64_t kpad, const uint8_t* w, const uint16_t* d, int64_t r0,          \
+                       int64_t r1, float* out, int64_t ldo);
 
 BITNET158_DECLARE_KERNELS(scalar)
 

@@ -134,10 +134,12 @@ BITNET158_AVX2 static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
 }
 
-// e^x for x <= 0 (softmax arguments): 2^n * p(r) as in the AVX-512 kernel; 0 below -87.
+// e^x: 2^n * p(r) as in the AVX-512 kernel; 0 below -87, inf above 88.
 BITNET158_AVX2 static inline __m256 exp_neg(__m256 x) {
     const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 huge = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_GT_OQ),
+                                      _mm256_set1_ps(__builtin_inff()));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
@@ -150,7 +152,7 @@ BITNET158_AVX2 static inline __m256 exp_neg(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+    return _mm256_or_ps(huge, _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e))));
 }
 
 BITNET158_AVX2 static inline __m256 load8(const void* p, Dtype t, int64_t i) {
@@ -286,6 +288,52 @@ BITNET158_AVX2 void int8_rows_avx2(const int8_t* x_q, int64_t T, int64_t kpad, c
             const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
             const __m128i t2 = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
             out[t * ldo + r] = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 0xb1)));
+        }
+    }
+}
+
+BITNET158_AVX2 void silu_mul_avx2(float* g, const float* u, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)),
+                                              _mm256_loadu_ps(u + i)));
+    }
+    silu_mul_scalar(g + i, u + i, n - i);
+}
+
+BITNET158_AVX2 void q4_rows_avx2(const int8_t* x_q, const int32_t* x_corr, const float* inv_s,
+                                 int64_t T, int64_t kpad, const uint8_t* w, const uint16_t* d,
+                                 int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    const __m256i low = _mm256_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t chunks = kpad / 128;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* wr = w + r * (kpad / 2);
+        const uint16_t* dr = d + r * (kpad / 32);
+        for (int64_t t = 0; t < T; ++t) {
+            const int8_t* x = x_q + t * kpad;
+            const int32_t* corr = x_corr + t * (kpad / 4);
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t c = 0; c < chunks; ++c) {
+                const __m128 ds = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(dr + 4 * c)));
+                for (int h = 0; h < 2; ++h) {  // bytes 32h..32h+31: groups h (low), 2 + h (high)
+                    const __m256i p = ld(reinterpret_cast<const int8_t*>(wr + 64 * c + 32 * h));
+                    const __m256i u[2] = {_mm256_and_si256(p, low),
+                                          _mm256_and_si256(_mm256_srli_epi16(p, 4), low)};
+                    for (int j = 0; j < 2; ++j) {  // maddubs: |pair| <= 2 * 15 * 128, no saturation
+                        const int g = 2 * j + h;
+                        const __m256i s = _mm256_add_epi32(
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(u[j], ld(x + 128 * c + 32 * g)), ones),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 32 * c + 8 * g)));
+                        const __m256 dg = _mm256_set1_ps(ds[g]);
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dg, acc);
+                    }
+                }
+            }
+            out[t * ldo + r] = hsum8(acc) * inv_s[t];
         }
     }
 }

@@ -5,7 +5,7 @@
 #if defined(BITNET158_X86)
 #include <immintrin.h>
 
-#define BITNET158_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define BITNET158_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 
 namespace bitnet158 {
 
@@ -141,10 +141,10 @@ BITNET158_AVX512 void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum
 
 // ---- float kernels: attention and the output layer ----
 
-// e^x for x <= 0 (softmax arguments), within ~2 ulp: 2^n * p(r), r = x - n ln2 in
-// [-ln2/2, ln2/2], p the degree-6 Taylor polynomial; scalef gives 0 below the float range.
+// e^x within ~2 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6 Taylor
+// polynomial; scalef gives 0 below the float range and inf above it.
 BITNET158_AVX512 static inline __m512 exp_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -314,6 +314,64 @@ BITNET158_AVX512 void int8_rows_avx512(const int8_t* x_q, int64_t T, int64_t kpa
                 a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x + i), flip),
                                          load64(wr + i));
             out[t * ldo + r] = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1)) - 128 * w_sum[r];
+        }
+    }
+}
+
+BITNET158_AVX512 void silu_mul_avx512(float* g, const float* u, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(g + i);
+        const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)),
+                                              _mm512_loadu_ps(u + i)));
+    }
+    silu_mul_scalar(g + i, u + i, n - i);
+}
+
+// One 128-weight chunk of a row: acc0/acc1 += per-lane sums of q x times their group scales.
+BITNET158_AVX512 static inline void q4_chunk(const uint8_t* w, const uint16_t* d, const int8_t* x,
+                                             const int32_t* corr, __m512& acc0, __m512& acc1) {
+    const __m512i low = _mm512_set1_epi8(15);
+    // lanes 0-7 take the first group scale of a 64-weight half, lanes 8-15 the second
+    const __m512i lo_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i hi_idx = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m512i p = load64(w);
+    // corr + sum (q + 8) x = sum q x, per lane of 4 weights (exact int32)
+    const __m512i a0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr), _mm512_and_si512(p, low),
+                                           _mm512_loadu_si512(x));
+    const __m512i a1 = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + 16),
+                                           _mm512_and_si512(_mm512_srli_epi16(p, 4), low),
+                                           _mm512_loadu_si512(x + 64));
+    const __m512 ds = _mm512_castps128_ps512(
+        _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(d))));
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_permutexvar_ps(lo_idx, ds), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_permutexvar_ps(hi_idx, ds), acc1);
+}
+
+// One row at a time (several row streams at once defeat the prefetcher, kernel_limits.md),
+// two chunks per step so that four accumulator chains hide the FMA latency.
+BITNET158_AVX512 void q4_rows_avx512(const int8_t* x_q, const int32_t* x_corr,
+                                     const float* inv_s, int64_t T, int64_t kpad,
+                                     const uint8_t* w, const uint16_t* d, int64_t r0, int64_t r1,
+                                     float* out, int64_t ldo) {
+    const int64_t chunks = kpad / 128;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* wr = w + r * (kpad / 2);
+        const uint16_t* dr = d + r * (kpad / 32);
+        for (int64_t t = 0; t < T; ++t) {
+            const int8_t* x = x_q + t * kpad;
+            const int32_t* corr = x_corr + t * (kpad / 4);
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t c = 0;
+            for (; c + 2 <= chunks; c += 2) {
+                q4_chunk(wr + 64 * c, dr + 4 * c, x + 128 * c, corr + 32 * c, a0, a1);
+                q4_chunk(wr + 64 * c + 64, dr + 4 * c + 4, x + 128 * c + 128, corr + 32 * c + 32, a2, a3);
+            }
+            if (c < chunks) q4_chunk(wr + 64 * c, dr + 4 * c, x + 128 * c, corr + 32 * c, a0, a1);
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+            out[t * ldo + r] = _mm512_reduce_add_ps(sum) * inv_s[t];
         }
     }
 }

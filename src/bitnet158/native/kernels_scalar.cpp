@@ -116,4 +116,34 @@ void int8_rows_scalar(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* 
     }
 }
 
+void silu_mul_scalar(float* g, const float* u, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) g[i] = (g[i] / (1.0f + std::exp(-g[i]))) * u[i];
+}
+
+void q4_rows_scalar(const int8_t* x_q, const int32_t* x_corr, const float* inv_s, int64_t T,
+                    int64_t kpad, const uint8_t* w, const uint16_t* d, int64_t r0, int64_t r1,
+                    float* out, int64_t ldo) {
+    (void)x_corr;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* wr = w + r * (kpad / 2);
+        const uint16_t* dr = d + r * (kpad / 32);
+        for (int64_t t = 0; t < T; ++t) {
+            const int8_t* x = x_q + t * kpad;
+            float acc = 0.0f;
+            for (int64_t c = 0; c < kpad / 128; ++c) {
+                const uint8_t* b = wr + 64 * c;
+                for (int g = 0; g < 4; ++g) {  // groups of 32: low nibbles 0-63, high 64-127
+                    int32_t dot = 0;
+                    for (int i = 32 * g; i < 32 * g + 32; ++i) {
+                        const int q = (i < 64 ? b[i] & 15 : b[i - 64] >> 4) - 8;
+                        dot += q * x[128 * c + i];
+                    }
+                    acc += half_to_float(dr[4 * c + g]) * static_cast<float>(dot);
+                }
+            }
+            out[t * ldo + r] = acc * inv_s[t];
+        }
+    }
+}
+
 }  // namespace bitnet158

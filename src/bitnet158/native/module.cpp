@@ -47,15 +47,17 @@ Out<T> new_array(std::initializer_list<size_t> shape, T** data) {
     return Out<T>(ptr, shape.size(), shape.begin(), owner);
 }
 
-// int8[rows, cols] whose data is 64-byte aligned (cols a multiple of 64 keeps every row so).
-Out<int8_t> new_aligned_int8(int64_t rows, int64_t cols, int8_t** data) {
-    const size_t bytes = size_t(std::max<int64_t>(rows * cols, 1));
+// T[rows, cols] whose data is 64-byte aligned (cols * sizeof(T) a multiple of 64 keeps every
+// row so).
+template <class T>
+Out<T> new_aligned(int64_t rows, int64_t cols, T** data) {
+    const size_t bytes = size_t(std::max<int64_t>(rows * cols, 1)) * sizeof(T);
     void* ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!ptr) throw std::bad_alloc();
     nb::capsule owner(ptr, [](void* p) noexcept { std::free(p); });
-    *data = static_cast<int8_t*>(ptr);
+    *data = static_cast<T*>(ptr);
     const size_t shape[2] = {size_t(rows), size_t(cols)};
-    return Out<int8_t>(ptr, 2, shape, owner);
+    return Out<T>(ptr, 2, shape, owner);
 }
 
 Isa pick_isa(const std::optional<std::string>& name) {
@@ -251,13 +253,31 @@ public:
         check_shape(nb::ndarray<>(row_sum), {sh.vocab}, "row_sum");
         check_aligned(q, 64, "int8 lm_head");
         for (auto o : {nb::cast(q), nb::cast(row_scale), nb::cast(row_sum)}) keep_.push_back(o);
+        w_.head.w_q4 = nullptr;
         w_.head.w_i8 = q.data();
         w_.head.row_scale = row_scale.data();
         w_.head.row_sum = row_sum.data();
         w_.head.kpad = kpad;
     }
 
+    // Switch the output layer to 4-bit groups (quantize_rows_q4's output).
+    void set_output_q4(In2D<uint8_t> nibbles, In2D<uint16_t> d) {
+        const ModelShape& sh = w_.shape;
+        if (!head_set_) throw nb::value_error("set_output first");
+        const int64_t kpad = round_up(sh.hidden, 128);
+        check_shape(nb::ndarray<>(nibbles), {sh.vocab, kpad / 2}, "4-bit lm_head");
+        check_shape(nb::ndarray<>(d), {sh.vocab, kpad / 32}, "4-bit lm_head scales");
+        check_aligned(nibbles, 64, "4-bit lm_head");
+        check_aligned(d, 2, "4-bit lm_head scales");
+        for (auto o : {nb::cast(nibbles), nb::cast(d)}) keep_.push_back(o);
+        w_.head.w_i8 = nullptr;
+        w_.head.w_q4 = nibbles.data();
+        w_.head.d_q4 = d.data();
+        w_.head.kpad = kpad;
+    }
+
     std::string head_kind() const {
+        if (w_.head.w_q4) return "q4";
         if (w_.head.w_i8) return "int8";
         switch (w_.head.dtype) {
             case Dtype::f16: return "float16";
@@ -408,7 +428,7 @@ NB_MODULE(_native, m) {
             float* scale;
             int32_t* sum;
             // 64-byte aligned rows: allocate one spare line and return an aligned view
-            auto q_arr = new_aligned_int8(rows, kpad, &q);
+            auto q_arr = new_aligned<int8_t>(rows, kpad, &q);
             auto s_arr = new_array<float>({size_t(rows)}, &scale);
             auto sum_arr = new_array<int32_t>({size_t(rows)}, &sum);
             {
@@ -420,6 +440,28 @@ NB_MODULE(_native, m) {
         "w"_a.noconvert(), "bf16"_a = false, "isa"_a = nb::none(),
         "Per-row int8 copy of a float matrix w [rows, k] -> (q int8[rows, ceil(k/64)*64], "
         "row_scale float32[rows] = 127/max|row|, row_sum int32[rows]), for the int8 output layer.");
+
+    m.def(
+        "quantize_rows_q4",
+        [](AnyRO w, bool bf16) {
+            const Dtype dt = float_dtype(w, bf16, "w");
+            if (w.ndim() != 2) throw nb::value_error("w must be 2-D [rows, k]");
+            check_aligned(w, w.itemsize(), "w");
+            const int64_t rows = w.shape(0), k = w.shape(1), kpad = round_up(std::max<int64_t>(k, 1), 128);
+            uint8_t* nib;
+            uint16_t* d;
+            auto nib_arr = new_aligned<uint8_t>(rows, kpad / 2, &nib);
+            auto d_arr = new_array<uint16_t>({size_t(rows), size_t(kpad / 32)}, &d);
+            {
+                nb::gil_scoped_release release;
+                quantize_rows_q4(w.data(), dt, rows, k, kpad, nib, d);
+            }
+            return nb::make_tuple(nib_arr, d_arr);
+        },
+        "w"_a.noconvert(), "bf16"_a = false,
+        "4-bit copy of a float matrix w [rows, k] for the output layer -> (nibbles uint8[rows, "
+        "ceil(k/128)*64], d float16 bits uint16[rows, ceil(k/128)*4]): groups of 32 weights "
+        "q = clip(round(w / d), -8, 7) with d = max|w| / 7 per group.");
 
     nb::class_<NativeModel>(m, "Model",
                             "Weights of a model for the native decoder step (borrowed arrays).")
@@ -439,8 +481,10 @@ NB_MODULE(_native, m) {
              "Final norm weight and output layer (None: tied to the embedding).")
         .def("set_output_int8", &NativeModel::set_output_int8, "q"_a.noconvert(),
              "row_scale"_a.noconvert(), "row_sum"_a.noconvert())
+        .def("set_output_q4", &NativeModel::set_output_q4, "nibbles"_a.noconvert(),
+             "d"_a.noconvert())
         .def_prop_ro("head_kind", &NativeModel::head_kind,
-                     "The output layer in use: float32, float16, bfloat16 or int8.")
+                     "The output layer in use: float32, float16, bfloat16, int8 or q4.")
         .def("forward", &NativeModel::forward, "tokens"_a.noconvert(), "slots"_a.noconvert(),
              "positions"_a.noconvert(), "k_cache"_a.noconvert(), "v_cache"_a.noconvert(),
              "out_rows"_a.noconvert(), "isa"_a = nb::none(),
