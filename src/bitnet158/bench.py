@@ -57,6 +57,8 @@ SHAPES = {
     ),
 }
 GGUF_TYPES = ("tq2_0", "tq1_0")
+# Our output layers: (load's lm_head, label, dtype for the bytes per token).
+HEADS = (("exact", "F16", "float16"), ("int8", "int8", "int8"), ("q4", "4-bit", "q4"))
 Q4_K = 12  # ggml_type of llama-quantize's default token embedding for TQ2_0
 MiB = 1 << 20
 
@@ -405,7 +407,12 @@ def decode_bytes_per_token(cfg: ModelConfig, head: str) -> dict[str, int]:
 
     ternary = sum(np.prod(ours_packed_shape(n, k)) for n, k in projection_shapes(cfg).values())
     V, H = cfg.vocab_size, cfg.hidden_size
-    head_bytes = {"int8": V * (-(-H // 64) * 64 + 8), "float32": V * H * 4}.get(head, V * H * 2)
+    k64, k128 = -(-H // 64) * 64, -(-H // 128) * 128
+    head_bytes = {
+        "int8": V * (k64 + 8),  # codes + row scale and sum
+        "q4": V * (k128 // 2 + k128 // 16),  # nibbles + an f16 scale per 32
+        "float32": V * H * 4,
+    }.get(head, V * H * 2)
     return {"ternary": int(ternary) * cfg.num_layers, "head": int(head_bytes)}
 
 
@@ -496,6 +503,7 @@ def run(
         "decode": decode,
         "reps": reps,
         "read_bandwidth_gbs": bandwidth / 1e9,
+        "load_average_before": os.getloadavg(),
         "shapes": {},
     }
     for shape in shapes:
@@ -506,7 +514,7 @@ def run(
             write_random_model(cfg, ours)
         runs: list[dict] = []
         results["shapes"][shape] = {"config": cfg.to_dict(), "runs": runs}
-        for head, label, bytes_kind in (("exact", "F16", "float16"), ("int8", "int8", "int8")):
+        for head, label, bytes_kind in HEADS:
             args = dict(common, path=str(ours), lm_head=head, kv_dtype="float16")
             _measure(runs, shape, "bitnet158", f"2-bit ours + {label} head", "bitnet158", args,
                      log, bandwidth, decode_bytes_per_token(cfg, bytes_kind))  # fmt: skip
@@ -529,6 +537,7 @@ def run(
             args["reps"] = 1
             _measure(runs, shape, "transformers", "BitNetForCausalLM packed, bf16",
                      "transformers", args, log, bandwidth)  # fmt: skip
+    results["load_average_after"] = os.getloadavg()
     return results
 
 
@@ -546,9 +555,12 @@ def markdown(results: dict) -> str:
     bw = results["read_bandwidth_gbs"]
     lines = [
         f"Threads: {results['threads']}; prefill pp{results['prompt']}, decode tg{results['decode']} "
-        f"(from an empty context, as llama-bench); read bandwidth {bw:.1f} GB/s measured in "
-        "the same run. Ratios: against llama.cpp TQ2_0 with the same embedding type, the "
-        "faster of flash attention on/off.",
+        f"(from an empty context, as llama-bench), best of {results.get('reps', 1)}; read "
+        f"bandwidth {bw:.1f} GB/s measured in the same run; machine load average "
+        f"{results.get('load_average_before', [0])[0]:.1f} before, "
+        f"{results.get('load_average_after', [0])[0]:.1f} after. Ratios: against llama.cpp "
+        "TQ2_0 with an F16 output layer (ours F16) or Q4_K (ours int8 / 4-bit), the faster of "
+        "flash attention on/off. Decode roofline: bytes read per token / read bandwidth.",
         "",
     ]
     for shape, data in results["shapes"].items():
@@ -569,7 +581,8 @@ def markdown(results: dict) -> str:
                     f"| {r['engine']} | {r['weights']} | — | — | | | | | not run: {r['error'][:120]} |"
                 )
                 continue
-            key = "Q4_K" if ("int8" in r["weights"] or "Q4_K" in r["weights"]) else "F16"
+            compressed = any(h in r["weights"] for h in ("int8", "4-bit", "Q4_K"))
+            key = "Q4_K" if compressed else "F16"
             pp_ref, tg_ref = ref[key]
             ratio = lambda v, base: f"{v / base:.2f}×" if base else ""  # noqa: E731
             roof = (

@@ -185,3 +185,17 @@ def test_model_rejects_wrong_weights(tiny_path):
         cache = np.zeros((1, cfg.num_layers, cfg.num_kv_heads, 4, cfg.head_dim), np.float32)
         one = np.zeros(1, np.int32)
         native.forward(one, one, one, cache, cache.copy(), np.zeros(1, np.int64))
+
+
+def test_released_pages_of_a_mapped_file_read_back(tmp_path):
+    """Quantizing the output layer at load drops the memory-mapped source pages (resident
+    memory), which must read back unchanged; ordinary arrays are left alone."""
+    want = np.arange(3 << 20, dtype=np.float32).reshape(-1, 1024)
+    path = tmp_path / "x.bin"
+    want.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=want.shape)
+    view = np.asarray(mapped[5:]).view(np.float32)
+    engine_model._release_pages(view)
+    np.testing.assert_array_equal(view, want[5:])
+    assert engine_model._mapping_of(want) is None
+    engine_model._release_pages(want)  # a no-op

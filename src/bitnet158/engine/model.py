@@ -12,6 +12,7 @@ decode, the same GEMM path).
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ from .. import _native
 from ..config import ModelConfig
 from ..errors import GenerationError
 from ..formats.native import FLOAT_MATRICES, projection_shapes
-from .kv_cache import KVCache
+from .kv_cache import KVCache, aligned_zeros
 
 PREFILL_CHUNK = 512  # prompt tokens per native call: bounds the step's scratch memory
 # The output layer: the stored float matrix, an int8 copy (a scale per row) or a 4-bit copy
@@ -40,6 +41,48 @@ def _float_matrix(tensors: dict[str, np.ndarray], name: str) -> tuple[np.ndarray
     if value.dtype not in (np.float32, np.float16, np.uint16):
         value = np.asarray(value, dtype=np.float32)
     return np.ascontiguousarray(value), name in FLOAT_MATRICES and value.dtype == np.uint16
+
+
+def _mapping_of(array: np.ndarray) -> tuple[mmap.mmap, int] | None:
+    """The mmap an array views (as formats.native's memory-mapped tensors do) and the array's
+    offset in it, or None for ordinary memory."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None:
+        return None
+    return base, array.ctypes.data - np.frombuffer(base, dtype=np.uint8).ctypes.data
+
+
+def _release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped (read-only) array from this process: they stay in the
+    page cache and come back on the next read, but no longer count in its resident memory."""
+    found = _mapping_of(array)
+    if found is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    mm, start = found
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+HEAD_BLOCK_ROWS = 8192  # output-layer rows quantized per block at load
+
+
+def _quantize_in_blocks(quantize, w: np.ndarray, bf16: bool) -> tuple[np.ndarray, ...]:
+    """A compressed copy of the output layer w [V, H], a block of rows at a time, each block's
+    memory-mapped source pages released once read: the load never holds both whole copies
+    (peak memory: ternary layers + compressed copy, not + the F16 matrix)."""
+    parts = None
+    for r0 in range(0, w.shape[0], HEAD_BLOCK_ROWS):
+        block = quantize(w[r0 : r0 + HEAD_BLOCK_ROWS], bf16)
+        if parts is None:
+            parts = [aligned_zeros((w.shape[0],) + b.shape[1:], b.dtype) for b in block]
+        for whole, b in zip(parts, block, strict=True):
+            whole[r0 : r0 + len(b)] = b
+        _release_pages(w[r0 : r0 + HEAD_BLOCK_ROWS])
+    return tuple(parts)
 
 
 class EngineModel:
@@ -99,11 +142,14 @@ class EngineModel:
         if not cfg.tie_word_embeddings:
             head, head_bf16 = _float_matrix(tensors, "lm_head.weight")
         self.native.set_output(vector("norm.weight"), head, head_bf16)
-        source = embed if head is None else head
-        if lm_head == "int8":
-            self.native.set_output_int8(*_native.quantize_rows_int8(source, head_bf16))
-        elif lm_head == "q4":
-            self.native.set_output_q4(*_native.quantize_rows_q4(source, head_bf16))
+        if lm_head != "exact":
+            source = embed if head is None else head
+            quantize = {"int8": _native.quantize_rows_int8, "q4": _native.quantize_rows_q4}
+            parts = _quantize_in_blocks(quantize[lm_head], source, head_bf16)
+            if lm_head == "int8":
+                self.native.set_output_int8(*parts)
+            else:
+                self.native.set_output_q4(*parts)
 
     @property
     def head_kind(self) -> str:

@@ -15,7 +15,8 @@
 // the loader from CPUID. They neither reassociate nor contract (-ffp-contract=off), so every
 // clone computes the same bits.
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-#define BITNET158_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define BITNET158_CLONES \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define BITNET158_CLONES
 #endif
@@ -65,6 +66,26 @@ float element(const void* p, Dtype t, int64_t i) {
 }
 
 int64_t dtype_size(Dtype t) { return t == Dtype::f32 ? 4 : 2; }
+
+// out[k] = row of a float matrix as float32 (F16C where the CPU has it).
+BITNET158_CLONES void to_float_row(const void* w, Dtype t, int64_t off, int64_t k,
+                                   float* __restrict out) {
+    if (t == Dtype::f16) {
+        const _Float16* p = static_cast<const _Float16*>(w) + off;
+        for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(p[i]);
+    } else if (t == Dtype::bf16) {
+        const uint16_t* p = static_cast<const uint16_t*>(w) + off;
+        for (int64_t i = 0; i < k; ++i) out[i] = bf16_to_float(p[i]);
+    } else {
+        std::memcpy(out, static_cast<const float*>(w) + off, size_t(k) * sizeof(float));
+    }
+}
+
+// q[32] = clip(round(x * inv), -8, 7) + 8 of one group.
+BITNET158_CLONES void nibble_codes(const float* __restrict x, float inv, uint8_t* __restrict q) {
+    for (int i = 0; i < 32; ++i)
+        q[i] = static_cast<uint8_t>(std::min(7.0f, std::max(-8.0f, std::nearbyint(x[i] * inv))) + 8.0f);
+}
 
 // A norm applied to a matmul input: RMSNorm, or LayerNorm (mean-centred first), with an
 // optional weight.
@@ -356,7 +377,7 @@ void quantize_rows_int8(const void* w, Dtype dtype, int64_t rows, int64_t k, int
     const Kernels& kern = kernels_for(isa);
     for_rows(rows, k, [&](int64_t r) {
         float* tmp = scratch(k, 0);
-        for (int64_t i = 0; i < k; ++i) tmp[i] = element(w, dtype, r * k + i);
+        to_float_row(w, dtype, r * k, k, tmp);
         int8_t* qr = q + r * kpad;
         row_scale[r] = kern.quantize_row(tmp, k, qr);
         std::memset(qr + k, 0, size_t(kpad - k));
@@ -368,21 +389,21 @@ void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64
                       uint8_t* nibbles, uint16_t* d) {
     for_rows(rows, k, [&](int64_t r) {
         float* tmp = scratch(kpad, 0);
-        for (int64_t i = 0; i < kpad; ++i) tmp[i] = i < k ? element(w, dtype, r * k + i) : 0.0f;
-        uint8_t* nib = nibbles + r * (kpad / 2);
-        std::memset(nib, 0, size_t(kpad / 2));
-        for (int64_t g = 0; g < kpad / 32; ++g) {
-            float amax = 0.0f;
-            for (int64_t i = 32 * g; i < 32 * g + 32; ++i) amax = std::max(amax, std::fabs(tmp[i]));
-            const uint16_t dh = float_to_half(amax / 7.0f);
-            d[r * (kpad / 32) + g] = dh;
-            const float df = half_to_float(dh);
-            for (int64_t i = 32 * g; i < 32 * g + 32; ++i) {
-                const float q = df > 0.0f ? std::nearbyint(tmp[i] / df) : 0.0f;
-                const int u = static_cast<int>(std::min(7.0f, std::max(-8.0f, q))) + 8;
-                const int64_t c = i / 128, m = i % 128;  // byte 64c + m%64, high nibble if m >= 64
-                nib[64 * c + m % 64] |= static_cast<uint8_t>(m < 64 ? u : u << 4);
+        to_float_row(w, dtype, r * k, k, tmp);
+        std::fill(tmp + k, tmp + kpad, 0.0f);
+        uint8_t u[128];
+        for (int64_t c = 0; c < kpad / 128; ++c) {
+            for (int g = 0; g < 4; ++g) {
+                const float* x = tmp + 128 * c + 32 * g;
+                float amax = 0.0f;
+                for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+                const uint16_t dh = float_to_half(amax / 7.0f);
+                d[r * (kpad / 32) + 4 * c + g] = dh;
+                const float df = half_to_float(dh);
+                nibble_codes(x, df > 0.0f ? 1.0f / df : 0.0f, u + 32 * g);
             }
+            uint8_t* b = nibbles + r * (kpad / 2) + 64 * c;  // low: weights 0-63, high: 64-127
+            for (int m = 0; m < 64; ++m) b[m] = static_cast<uint8_t>(u[m] | u[64 + m] << 4);
         }
     });
 }
