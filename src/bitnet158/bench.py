@@ -368,10 +368,11 @@ WORKERS = {
 def run_worker(kind: str, args: dict, timeout: float = 1800) -> dict:
     """Run one worker in a fresh Python process; its result, or {"error": ...}."""
     code = "import json, sys; from bitnet158 import bench; print('RESULT' + json.dumps(bench.WORKERS[sys.argv[1]](json.loads(sys.argv[2]))))"  # noqa: E501
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # numpy's idle BLAS threads must not spin
     try:
         proc = subprocess.run(
             [sys.executable, "-c", code, kind, json.dumps(args)],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True, text=True, timeout=timeout, env=env,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
