@@ -27,7 +27,8 @@ constexpr int64_t kMinQuantizeChunk = 16 * 1024;
 
 int32_t row_sum(const int8_t* x, int64_t k) {
     int32_t s = 0;
-    for (int64_t i = 0; i < k; ++i) s += x[i];
+    for (int64_t i = 0; i < k; ++i)
+        s += x[i];
     return s;
 }
 
@@ -38,7 +39,8 @@ void quantize_rows(const Kernels& kern, const float* x, int64_t T, int64_t k, in
     parallel_for(cdiv(T, rows), [&](int64_t c) {
         for (int64_t t = c * rows; t < std::min(T, (c + 1) * rows); ++t) {
             s[t] = kern.quantize_row(x + t * k, k, x_q + t * ldq);
-            if (x_sum) x_sum[t] = row_sum(x_q + t * ldq, k);
+            if (x_sum)
+                x_sum[t] = row_sum(x_q + t * ldq, k);
         }
     });
 }
@@ -53,17 +55,18 @@ struct GemmChunk {
 
 const Kernels& kernels_for(Isa isa) {
     static const Kernels scalar{quantize_row_scalar, gemm_groups_scalar, attend_scalar,
-                                float_rows_scalar, int8_rows_scalar, silu_mul_scalar,
+                                float_rows_scalar,   int8_rows_scalar,   silu_mul_scalar,
                                 q4_rows_scalar};
 #if defined(BITNET158_X86)
-    static const Kernels avx2{quantize_row_avx2, gemm_groups_avx2,  attend_avx2,
-                              float_rows_avx2,   int8_rows_avx2,    silu_mul_avx2,
-                              q4_rows_avx2};
+    static const Kernels avx2{quantize_row_avx2, gemm_groups_avx2, attend_avx2, float_rows_avx2,
+                              int8_rows_avx2,    silu_mul_avx2,    q4_rows_avx2};
     static const Kernels avx512{quantize_row_avx512, gemm_groups_avx512, attend_avx512,
                                 float_rows_avx512,   int8_rows_avx512,   silu_mul_avx512,
                                 q4_rows_avx512};
-    if (isa == Isa::avx512) return avx512;
-    if (isa == Isa::avx2) return avx2;
+    if (isa == Isa::avx512)
+        return avx512;
+    if (isa == Isa::avx2)
+        return avx2;
 #endif
     (void)isa;
     return scalar;
@@ -71,12 +74,14 @@ const Kernels& kernels_for(Isa isa) {
 
 void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum, int64_t T,
                     int64_t kpad, const GemmTask* tasks, int64_t ntasks) {
-    if (T == 0 || ntasks == 0) return;
-    const int64_t tokens = std::max<int64_t>(
-        kMaxTileTokens, std::min<int64_t>(64, kTokenChunkBytes / kpad) / kMaxTileTokens *
-                            kMaxTileTokens);
+    if (T == 0 || ntasks == 0)
+        return;
+    const int64_t tokens =
+        std::max<int64_t>(kMaxTileTokens, std::min<int64_t>(64, kTokenChunkBytes / kpad) /
+                                              kMaxTileTokens * kMaxTileTokens);
     int64_t groups = 0;
-    for (int64_t i = 0; i < ntasks; ++i) groups += cdiv(tasks[i].n, kRows);
+    for (int64_t i = 0; i < ntasks; ++i)
+        groups += cdiv(tasks[i].n, kRows);
     // Chunks small enough for 4 per thread (dynamic balance), large enough to be worth a claim.
     const int64_t per_chunk = std::max(cdiv(kMinChunkBytes, kpad * std::min(T, tokens)),
                                        cdiv(groups, 4 * int64_t(num_threads())));
@@ -111,14 +116,18 @@ const char* isa_name(Isa isa) {
 }
 
 Isa parse_isa(const std::string& name) {
-    if (name == "scalar") return Isa::scalar;
-    if (name == "avx2") return Isa::avx2;
-    if (name == "avx512") return Isa::avx512;
+    if (name == "scalar")
+        return Isa::scalar;
+    if (name == "avx2")
+        return Isa::avx2;
+    if (name == "avx512")
+        return Isa::avx512;
     throw std::invalid_argument("unknown ISA '" + name + "': expected scalar, avx2 or avx512");
 }
 
 bool isa_supported(Isa isa) {
-    if (isa == Isa::scalar) return true;
+    if (isa == Isa::scalar)
+        return true;
 #if defined(BITNET158_X86)
     __builtin_cpu_init();
     if (isa == Isa::avx2)
@@ -134,7 +143,8 @@ bool isa_supported(Isa isa) {
 std::vector<Isa> supported_isas() {
     std::vector<Isa> out;
     for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512})
-        if (isa_supported(isa)) out.push_back(isa);
+        if (isa_supported(isa))
+            out.push_back(isa);
     return out;
 }
 
@@ -182,8 +192,8 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
     run_gemm_tasks(kernels_for(isa), x_pad.get(), x_sum.data(), T, kpad, &task, 1);
 }
 
-void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta,
-               int64_t n, float* y, Isa isa) {
+void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta, int64_t n,
+               float* y, Isa isa) {
     const Kernels& kern = kernels_for(isa);
     const int64_t kpad = cdiv(k, kBlock) * kBlock;
     AlignedArray<int8_t> x_q(T * kpad);
@@ -212,9 +222,11 @@ uint64_t read_bytes(const uint8_t* p, int64_t n) {
                 std::memcpy(&v, p + i + 8 * l, 8);
                 acc[l] ^= v;
             }
-        for (; i < e; ++i) acc[0] ^= p[i];
+        for (; i < e; ++i)
+            acc[0] ^= p[i];
         uint64_t x = 0;
-        for (uint64_t a : acc) x ^= a;
+        for (uint64_t a : acc)
+            x ^= a;
         total.fetch_xor(x, std::memory_order_relaxed);
     });
     return total.load();

@@ -39,17 +39,23 @@ struct Kernels {
 };
 const Kernels& kernels_for(Isa isa);
 
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+inline int64_t cdiv(int64_t a, int64_t b) {
+    return (a + b - 1) / b;
+}
+inline int64_t round_up(int64_t a, int64_t b) {
+    return cdiv(a, b) * b;
+}
 
 // A zero-filled, 64-byte aligned array of n elements (every 64-value plane the AVX-512 GEMM
 // loads is one cache line).
 template <class T>
 struct AlignedArray {
     explicit AlignedArray(int64_t n) {
-        const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(T)), 64));
+        const size_t bytes =
+            static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(T)), 64));
         void* p = std::aligned_alloc(64, bytes);
-        if (!p) throw std::bad_alloc();
+        if (!p)
+            throw std::bad_alloc();
         __builtin_memset(p, 0, bytes);
         data.reset(static_cast<T*>(p));
     }
@@ -82,8 +88,8 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
                       int32_t* out, Isa isa);
 
 // y float32[T, n] = float(quantize(x) . W) / s * beta (quant.ternary_linear_reference).
-void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta,
-               int64_t n, float* y, Isa isa);
+void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta, int64_t n,
+               float* y, Isa isa);
 
 // Read all n bytes at p with the thread pool and return their xor (64 bits at a time): the
 // bandwidth probe of `bitnet158 bench`.

@@ -39,7 +39,8 @@ template <class F>
 void for_rows(int64_t T, int64_t per_row, F&& f) {
     const int64_t rows = std::max<int64_t>(1, kMinRowWork / std::max<int64_t>(per_row, 1));
     parallel_for(cdiv(T, rows), [&](int64_t c) {
-        for (int64_t t = c * rows; t < std::min(T, (c + 1) * rows); ++t) f(t);
+        for (int64_t t = c * rows; t < std::min(T, (c + 1) * rows); ++t)
+            f(t);
     });
 }
 
@@ -47,13 +48,15 @@ void for_rows(int64_t T, int64_t per_row, F&& f) {
 float* scratch(int64_t n, int which) {
     thread_local std::vector<float> bufs[2];
     std::vector<float>& b = bufs[which];
-    if (int64_t(b.size()) < n) b.resize(size_t(n));
+    if (int64_t(b.size()) < n)
+        b.resize(size_t(n));
     return b.data();
 }
 
 int32_t row_sum(const int8_t* x, int64_t k) {
     int32_t s = 0;
-    for (int64_t i = 0; i < k; ++i) s += x[i];
+    for (int64_t i = 0; i < k; ++i)
+        s += x[i];
     return s;
 }
 
@@ -65,17 +68,21 @@ float element(const void* p, Dtype t, int64_t i) {
     }
 }
 
-int64_t dtype_size(Dtype t) { return t == Dtype::f32 ? 4 : 2; }
+int64_t dtype_size(Dtype t) {
+    return t == Dtype::f32 ? 4 : 2;
+}
 
 // out[k] = row of a float matrix as float32 (F16C where the CPU has it).
 BITNET158_CLONES void to_float_row(const void* w, Dtype t, int64_t off, int64_t k,
                                    float* __restrict out) {
     if (t == Dtype::f16) {
         const _Float16* p = static_cast<const _Float16*>(w) + off;
-        for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(p[i]);
+        for (int64_t i = 0; i < k; ++i)
+            out[i] = static_cast<float>(p[i]);
     } else if (t == Dtype::bf16) {
         const uint16_t* p = static_cast<const uint16_t*>(w) + off;
-        for (int64_t i = 0; i < k; ++i) out[i] = bf16_to_float(p[i]);
+        for (int64_t i = 0; i < k; ++i)
+            out[i] = bf16_to_float(p[i]);
     } else {
         std::memcpy(out, static_cast<const float*>(w) + off, size_t(k) * sizeof(float));
     }
@@ -84,7 +91,8 @@ BITNET158_CLONES void to_float_row(const void* w, Dtype t, int64_t off, int64_t 
 // q[32] = clip(round(x * inv), -8, 7) + 8 of one group.
 BITNET158_CLONES void nibble_codes(const float* __restrict x, float inv, uint8_t* __restrict q) {
     for (int i = 0; i < 32; ++i)
-        q[i] = static_cast<uint8_t>(std::min(7.0f, std::max(-8.0f, std::nearbyint(x[i] * inv))) + 8.0f);
+        q[i] = static_cast<uint8_t>(std::min(7.0f, std::max(-8.0f, std::nearbyint(x[i] * inv))) +
+                                    8.0f);
 }
 
 // A norm applied to a matmul input: RMSNorm, or LayerNorm (mean-centred first), with an
@@ -110,22 +118,28 @@ BITNET158_CLONES void norm_row(const float* x, float* y, int64_t k, const float*
                                bool layernorm) {
     if (layernorm) {
         double sum = 0.0;
-        for (int64_t i = 0; i < k; ++i) sum += x[i];
+        for (int64_t i = 0; i < k; ++i)
+            sum += x[i];
         const float mean = static_cast<float>(sum) / static_cast<float>(k);
-        for (int64_t i = 0; i < k; ++i) y[i] = x[i] - mean;
+        for (int64_t i = 0; i < k; ++i)
+            y[i] = x[i] - mean;
         x = y;
     }
     double sq[4] = {0.0, 0.0, 0.0, 0.0};
     int64_t i = 0;
     for (; i + 4 <= k; i += 4)
-        for (int l = 0; l < 4; ++l) sq[l] += double(x[i + l] * x[i + l]);
-    for (; i < k; ++i) sq[0] += double(x[i] * x[i]);
+        for (int l = 0; l < 4; ++l)
+            sq[l] += double(x[i + l] * x[i + l]);
+    for (; i < k; ++i)
+        sq[0] += double(x[i] * x[i]);
     const float ms = static_cast<float>((sq[0] + sq[1]) + (sq[2] + sq[3])) / static_cast<float>(k);
     const float r = 1.0f / std::sqrt(ms + eps);
     if (w)
-        for (i = 0; i < k; ++i) y[i] = (x[i] * r) * w[i];
+        for (i = 0; i < k; ++i)
+            y[i] = (x[i] * r) * w[i];
     else
-        for (i = 0; i < k; ++i) y[i] = x[i] * r;
+        for (i = 0; i < k; ++i)
+            y[i] = x[i] * r;
 }
 
 // The input of a BitLinear: optional norm, optional inner (OLMo) RMSNorm, then per-token int8
@@ -165,7 +179,8 @@ void rope(float* x, int64_t heads, int64_t d, const float* c, const float* s) {
 void store_row(void* dst, Dtype t, const float* src, int64_t n) {
     if (t == Dtype::f16) {
         uint16_t* d = static_cast<uint16_t*>(dst);
-        for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i]);
+        for (int64_t i = 0; i < n; ++i)
+            d[i] = float_to_half(src[i]);
     } else {
         std::memcpy(dst, src, size_t(n) * sizeof(float));
     }
@@ -199,10 +214,9 @@ void check_step(const ModelShape& shape, const int32_t* tokens, const int32_t* s
         if (positions[t] < 0)
             throw std::invalid_argument("negative position " + std::to_string(positions[t]));
         if (positions[t] >= cache.max_ctx)
-            throw std::invalid_argument("context overflow: position " +
-                                        std::to_string(positions[t]) +
-                                        " is past the context length of " +
-                                        std::to_string(cache.max_ctx) + " tokens");
+            throw std::invalid_argument(
+                "context overflow: position " + std::to_string(positions[t]) +
+                " is past the context length of " + std::to_string(cache.max_ctx) + " tokens");
         keys[size_t(t)] = int64_t(slots[t]) * cache.max_ctx + positions[t];
     }
     std::sort(keys.begin(), keys.end());
@@ -215,8 +229,8 @@ void check_step(const ModelShape& shape, const int32_t* tokens, const int32_t* s
 }
 
 void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
-             const int32_t* positions, int64_t T, const KVCacheView& cache,
-             const int64_t* out_rows, int64_t R, float* logits, Isa isa) {
+             const int32_t* positions, int64_t T, const KVCacheView& cache, const int64_t* out_rows,
+             int64_t R, float* logits, Isa isa) {
     const Kernels& kern = kernels_for(isa);
     const ModelShape& sh = m.shape;
     const int64_t H = sh.hidden, I = sh.inter, D = sh.head_dim, half = D / 2;
@@ -243,7 +257,8 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
 
     for_rows(T, H, [&](int64_t t) {
         const int64_t off = int64_t(tokens[t]) * H;
-        for (int64_t i = 0; i < H; ++i) x[size_t(t * H + i)] = element(m.embed, m.embed_dtype, off + i);
+        for (int64_t i = 0; i < H; ++i)
+            x[size_t(t * H + i)] = element(m.embed, m.embed_dtype, off + i);
     });
 
     const NormSpec inner{sh.inner_norm, nullptr, sh.inner_eps, false};
@@ -254,8 +269,8 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
         // attention: norm + quantize, fused q/k/v, RoPE, cache store, attention, o + residual
         const NormSpec attn_norm{true, w.attn_norm, sh.eps, sh.layernorm};
         for_rows(T, H, [&](int64_t t) {
-            prep_row(kern, &x[size_t(t * H)], H, attn_norm, inner, xq_ + t * kpH, kpH, &s[size_t(t)],
-                     &xs[size_t(t)]);
+            prep_row(kern, &x[size_t(t * H)], H, attn_norm, inner, xq_ + t * kpH, kpH,
+                     &s[size_t(t)], &xs[size_t(t)]);
         });
         const GemmTask qkv[3] = {
             {w.q.packed, QS, to_f32(q.data(), s.data(), w.q.beta, QS, false)},
@@ -268,16 +283,21 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
             rope(&q[size_t(t * QS)], NH, D, &cs[size_t(t * half)], &sn[size_t(t * half)]);
             rope(&kb[size_t(t * KVS)], KVH, D, &cs[size_t(t * half)], &sn[size_t(t * half)]);
             for (int64_t h = 0; h < KVH; ++h) {
-                const int64_t at = (((slots[t] * L + l) * KVH + h) * cache.max_ctx + positions[t]) * D;
-                store_row(static_cast<char*>(cache.k) + at * es, cache.dtype, &kb[size_t(t * KVS + h * D)], D);
-                store_row(static_cast<char*>(cache.v) + at * es, cache.dtype, &vb[size_t(t * KVS + h * D)], D);
+                const int64_t at =
+                    (((slots[t] * L + l) * KVH + h) * cache.max_ctx + positions[t]) * D;
+                store_row(static_cast<char*>(cache.k) + at * es, cache.dtype,
+                          &kb[size_t(t * KVS + h * D)], D);
+                store_row(static_cast<char*>(cache.v) + at * es, cache.dtype,
+                          &vb[size_t(t * KVS + h * D)], D);
             }
         });
 
         int64_t work = 0;
-        for (int64_t t = 0; t < T; ++t) work += (int64_t(positions[t]) + 1) * KVS * group * 2;
+        for (int64_t t = 0; t < T; ++t)
+            work += (int64_t(positions[t]) + 1) * KVS * group * 2;
         const int64_t units = T * KVH;
-        const int64_t per_chunk = std::max<int64_t>(1, units * kMinAttendWork / std::max<int64_t>(work, 1));
+        const int64_t per_chunk =
+            std::max<int64_t>(1, units * kMinAttendWork / std::max<int64_t>(work, 1));
         parallel_for(cdiv(units, per_chunk), [&](int64_t c) {
             for (int64_t u = c * per_chunk; u < std::min(units, (c + 1) * per_chunk); ++u) {
                 const int64_t t = u / KVH, h = u % KVH, n = int64_t(positions[t]) + 1;
@@ -291,8 +311,8 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
 
         const NormSpec attn_sub{sh.subln, w.attn_sub_norm, sh.eps, false};
         for_rows(T, QS, [&](int64_t t) {
-            prep_row(kern, &att[size_t(t * QS)], QS, attn_sub, inner, xq_ + t * kpQ, kpQ, &s[size_t(t)],
-                     &xs[size_t(t)]);
+            prep_row(kern, &att[size_t(t * QS)], QS, attn_sub, inner, xq_ + t * kpQ, kpQ,
+                     &s[size_t(t)], &xs[size_t(t)]);
         });
         const GemmTask o{w.o.packed, H, to_f32(x.data(), s.data(), w.o.beta, H, true)};
         run_gemm_tasks(kern, xq_, xs.data(), T, kpQ, &o, 1);
@@ -323,11 +343,13 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
         run_gemm_tasks(kern, xq_, xs.data(), T, kpI, &down, 1);
     }
 
-    if (R == 0) return;
+    if (R == 0)
+        return;
     // final norm of the requested rows, then the output layer over vocabulary chunks
     std::vector<float> h(static_cast<size_t>(R * H));
     for (int64_t r = 0; r < R; ++r)
-        norm_row(&x[size_t(out_rows[r] * H)], &h[size_t(r * H)], H, m.final_norm, sh.eps, sh.layernorm);
+        norm_row(&x[size_t(out_rows[r] * H)], &h[size_t(r * H)], H, m.final_norm, sh.eps,
+                 sh.layernorm);
     const int64_t threads = num_threads();
     if (m.head.w_q4) {
         const int64_t kp = m.head.kpad;
@@ -338,7 +360,8 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
             int8_t* q = hq.get() + r * kp;
             inv_s[size_t(r)] = 1.0f / kern.quantize_row(&h[size_t(r * H)], H, q);
             for (int64_t j = 0; j < kp / 4; ++j)
-                corr[size_t(r * kp / 4 + j)] = -8 * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
+                corr[size_t(r * kp / 4 + j)] =
+                    -8 * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
         }
         const int64_t rows = std::max(cdiv(kMinHeadChunkBytes, kp / 2), cdiv(V, 4 * threads));
         parallel_for(cdiv(V, rows), [&](int64_t c) {
@@ -396,14 +419,16 @@ void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64
             for (int g = 0; g < 4; ++g) {
                 const float* x = tmp + 128 * c + 32 * g;
                 float amax = 0.0f;
-                for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+                for (int i = 0; i < 32; ++i)
+                    amax = std::max(amax, std::fabs(x[i]));
                 const uint16_t dh = float_to_half(amax / 7.0f);
                 d[r * (kpad / 32) + 4 * c + g] = dh;
                 const float df = half_to_float(dh);
                 nibble_codes(x, df > 0.0f ? 1.0f / df : 0.0f, u + 32 * g);
             }
             uint8_t* b = nibbles + r * (kpad / 2) + 64 * c;  // low: weights 0-63, high: 64-127
-            for (int m = 0; m < 64; ++m) b[m] = static_cast<uint8_t>(u[m] | u[64 + m] << 4);
+            for (int m = 0; m < 64; ++m)
+                b[m] = static_cast<uint8_t>(u[m] | u[64 + m] << 4);
         }
     });
 }

@@ -45,11 +45,11 @@ struct ModelShape {
 struct OutputLayer {
     const void* w = nullptr;  // [vocab, hidden] of dtype
     Dtype dtype = Dtype::f32;
-    const int8_t* w_i8 = nullptr;       // int8[vocab, kpad], kpad = hidden rounded up to 64
-    const float* row_scale = nullptr;   // float32[vocab]
-    const int32_t* row_sum = nullptr;   // int32[vocab]
-    const uint8_t* w_q4 = nullptr;      // uint8[vocab, kpad / 2], kpad = hidden rounded up to 128
-    const uint16_t* d_q4 = nullptr;     // f16[vocab, kpad / 32]
+    const int8_t* w_i8 = nullptr;      // int8[vocab, kpad], kpad = hidden rounded up to 64
+    const float* row_scale = nullptr;  // float32[vocab]
+    const int32_t* row_sum = nullptr;  // int32[vocab]
+    const uint8_t* w_q4 = nullptr;     // uint8[vocab, kpad / 2], kpad = hidden rounded up to 128
+    const uint16_t* d_q4 = nullptr;    // f16[vocab, kpad / 32]
     int64_t kpad = 0;
 };
 
@@ -83,8 +83,8 @@ void check_step(const ModelShape& shape, const int32_t* tokens, const int32_t* s
 // 0..positions[t] of its slot (earlier ones must be in the cache or in this call).
 // logits float32[R, vocab] are those of the tokens out_rows[R]. Call check_step first.
 void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
-             const int32_t* positions, int64_t T, const KVCacheView& cache,
-             const int64_t* out_rows, int64_t R, float* logits, Isa isa);
+             const int32_t* positions, int64_t T, const KVCacheView& cache, const int64_t* out_rows,
+             int64_t R, float* logits, Isa isa);
 
 // Per-row int8 copy of a float matrix w [rows, k] (dtype): q int8[rows, kpad] (zero padded),
 // row_scale = 127 / max|w_row| and row_sum = sum of q's row (quant.quantize_activations per

@@ -8,21 +8,21 @@
 
 namespace bitnet158 {
 
-constexpr int64_t kBlock = 256;  // K values per block of our layout
-constexpr int64_t kRows = 4;     // rows interleaved per group of our layout
-constexpr float kEps = 1e-5f;    // floor of max|x|, as quant.EPS
+constexpr int64_t kBlock = 256;    // K values per block of our layout
+constexpr int64_t kRows = 4;       // rows interleaved per group of our layout
+constexpr float kEps = 1e-5f;      // floor of max|x|, as quant.EPS
 constexpr int kMaxTileTokens = 4;  // tokens one GEMM tile reuses each weight block for
 
 // Where a GEMM writes its results: int32 dot products, or the dequantized float
 // y = float(dot) / s[t] * beta (bitlinear's epilogue, in exactly that order), stored or added
 // to what is there (a residual connection: x + bitlinear(h)).
 struct GemmOut {
-    int32_t* i32 = nullptr;   // [T, n] when f32 is null
-    float* f32 = nullptr;     // [T, n]
-    const float* s = nullptr; // [T] activation scales (f32 only)
-    float beta = 1.0f;        // weight scale (f32 only)
-    int64_t n = 0;            // leading dimension of the output
-    bool add = false;         // f32 += y instead of f32 = y
+    int32_t* i32 = nullptr;    // [T, n] when f32 is null
+    float* f32 = nullptr;      // [T, n]
+    const float* s = nullptr;  // [T] activation scales (f32 only)
+    float beta = 1.0f;         // weight scale (f32 only)
+    int64_t n = 0;             // leading dimension of the output
+    bool add = false;          // f32 += y instead of f32 = y
 
     void store(int64_t t, int64_t row, int32_t dot) const {
         if (f32) {
@@ -57,8 +57,8 @@ using FloatRowsFn = void (*)(const float* h, int64_t T, int64_t k, const void* w
 // rows [r0, r1). x_q int8[T, kpad] (kpad a multiple of 128, zero padded), x_corr int32[T,
 // kpad/4] = -8 * (sum of each 4 consecutive x_q), w uint8[rows, kpad/2], d f16[rows, kpad/32].
 using Q4RowsFn = void (*)(const int8_t* x_q, const int32_t* x_corr, const float* inv_s, int64_t T,
-                          int64_t kpad, const uint8_t* w, const uint16_t* d, int64_t r0,
-                          int64_t r1, float* out, int64_t ldo);
+                          int64_t kpad, const uint8_t* w, const uint16_t* d, int64_t r0, int64_t r1,
+                          float* out, int64_t ldo);
 
 // SwiGLU: g[i] = silu(g[i]) * u[i], silu(x) = x / (1 + e^-x) as torch evaluates it.
 using SiluMulFn = void (*)(float* g, const float* u, int64_t n);
@@ -85,22 +85,21 @@ using GemmGroupsFn = void (*)(const int8_t* x_q, const int32_t* x_sum, int64_t T
                               const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
                               const GemmOut& out);
 
-#define BITNET158_DECLARE_KERNELS(isa)                                                        \
-    float quantize_row_##isa(const float* x, int64_t k, int8_t* q);                           \
-    void gemm_groups_##isa(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,  \
-                           const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,           \
-                           const GemmOut& out);                                                \
-    void attend_##isa(const float* q, int64_t group, const void* keys, const void* values,     \
-                      Dtype kv, int64_t n, int64_t d, float scale, float* scores, float* out); \
-    void float_rows_##isa(const float* h, int64_t T, int64_t k, const void* w, Dtype wt,       \
-                          int64_t r0, int64_t r1, float* out, int64_t ldo);                    \
-    void int8_rows_##isa(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,          \
-                         const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out,           \
-                         int64_t ldo);                                                         \
-    void silu_mul_##isa(float* g, const float* u, int64_t n);                                 \
-    void q4_rows_##isa(const int8_t* x_q, const int32_t* x_corr, const float* inv_s, int64_t T, \
-                       int64_t kpad, const uint8_t* w, const uint16_t* d, int64_t r0,          \
-                       int64_t r1, float* out, int64_t ldo);
+#define BITNET158_DECLARE_KERNELS(isa)                                                             \
+    float quantize_row_##isa(const float* x, int64_t k, int8_t* q);                                \
+    void gemm_groups_##isa(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,       \
+                           const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,               \
+                           const GemmOut& out);                                                    \
+    void attend_##isa(const float* q, int64_t group, const void* keys, const void* values,         \
+                      Dtype kv, int64_t n, int64_t d, float scale, float* scores, float* out);     \
+    void float_rows_##isa(const float* h, int64_t T, int64_t k, const void* w, Dtype wt,           \
+                          int64_t r0, int64_t r1, float* out, int64_t ldo);                        \
+    void int8_rows_##isa(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,              \
+                         const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out, int64_t ldo); \
+    void silu_mul_##isa(float* g, const float* u, int64_t n);                                      \
+    void q4_rows_##isa(const int8_t* x_q, const int32_t* x_corr, const float* inv_s, int64_t T,    \
+                       int64_t kpad, const uint8_t* w, const uint16_t* d, int64_t r0, int64_t r1,  \
+                       float* out, int64_t ldo);
 
 BITNET158_DECLARE_KERNELS(scalar)
 
@@ -114,8 +113,10 @@ BITNET158_DECLARE_KERNELS(avx512)
 inline int8_t quantize_value(float v) {
     // x * s is within [-127, 127] (up to one rounding) for finite x, so only NaN is special.
     const float r = __builtin_nearbyintf(v);  // current rounding mode: half to even by default
-    if (!(r >= -128.0f)) return -128;
-    if (r > 127.0f) return 127;
+    if (!(r >= -128.0f))
+        return -128;
+    if (r > 127.0f)
+        return 127;
     return static_cast<int8_t>(r);
 }
 
@@ -163,9 +164,11 @@ inline uint16_t float_to_half(float f) {
     __builtin_memcpy(&x, &f, 4);
     const uint32_t sign = (x >> 16) & 0x8000;
     const uint32_t ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u) return uint16_t(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
-    if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00);  // rounds to >= 65520: inf
-    if (ax < 0x38800000u) {  // below the smallest normal half: a subnormal or zero
+    if (ax >= 0x7f800000u)
+        return uint16_t(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
+    if (ax >= 0x477ff000u)
+        return uint16_t(sign | 0x7c00);  // rounds to >= 65520: inf
+    if (ax < 0x38800000u) {              // below the smallest normal half: a subnormal or zero
         float a;
         __builtin_memcpy(&a, &ax, 4);
         // a * 2^24 is the subnormal's integer mantissa; rint rounds half to even

@@ -26,7 +26,8 @@ BITNET158_AVX2 float quantize_row_avx2(const float* x, int64_t k, int8_t* q) {
     float lanes[8];
     _mm256_storeu_ps(lanes, vmax);
     float amax = 0.0f;
-    for (float a : lanes) amax = a > amax ? a : amax;
+    for (float a : lanes)
+        amax = a > amax ? a : amax;
     for (; i < k; ++i) {
         const float a = __builtin_fabsf(x[i]);
         amax = a > amax ? a : amax;
@@ -38,15 +39,16 @@ BITNET158_AVX2 float quantize_row_avx2(const float* x, int64_t k, int8_t* q) {
     for (i = 0; i + 32 <= k; i += 32) {
         __m256i r[4];
         for (int j = 0; j < 4; ++j)
-            r[j] = _mm256_cvtps_epi32(_mm256_round_ps(
-                _mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vs),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        const __m256i p16 = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]),
-                                               _mm256_packs_epi32(r[2], r[3]));
+            r[j] = _mm256_cvtps_epi32(
+                _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vs),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m256i p16 =
+            _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i),
                             _mm256_permutevar8x32_epi32(p16, order));
     }
-    for (; i < k; ++i) q[i] = quantize_value(x[i] * s);
+    for (; i < k; ++i)
+        q[i] = quantize_value(x[i] * s);
     return s;
 }
 
@@ -62,7 +64,8 @@ BITNET158_AVX2 static inline void tile(const uint8_t* group, int64_t nblocks, co
                                        int64_t ldx, int32_t dots[kMaxTileTokens][kRows]) {
     __m256i acc[kRows][NT];
     for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_si256();
+        for (int t = 0; t < NT; ++t)
+            acc[r][t] = _mm256_setzero_si256();
     const __m256i mask = _mm256_set1_epi8(3);
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < nblocks; ++b) {
@@ -151,7 +154,8 @@ BITNET158_AVX2 static inline __m256 exp_neg(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_or_ps(huge, _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e))));
 }
 
@@ -171,17 +175,20 @@ template <int G>
 BITNET158_AVX2 static inline void score_row(const float* q, int64_t d, const void* key, Dtype kv,
                                             float scale, float* s, int64_t ld) {
     __m256 acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int g = 0; g < G; ++g)
+        acc[g] = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += 8) {
         const __m256 k = load8(key, kv, i);
-        for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), k, acc[g]);
+        for (int g = 0; g < G; ++g)
+            acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), k, acc[g]);
     }
-    for (int g = 0; g < G; ++g) s[g * ld] = hsum8(acc[g]) * scale;
+    for (int g = 0; g < G; ++g)
+        s[g * ld] = hsum8(acc[g]) * scale;
 }
 
-BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
-                                const void* values, Dtype kv, int64_t n, int64_t d, float scale,
-                                float* scores, float* out) {
+BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys, const void* values,
+                                Dtype kv, int64_t n, int64_t d, float scale, float* scores,
+                                float* out) {
     if (d % 8) {
         attend_scalar(q, group, keys, values, kv, n, d, scale, scores, out);
         return;
@@ -204,9 +211,11 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
         float* sg = scores + g * n;
         __m256 vmax = _mm256_set1_ps(-__builtin_inff());
         int64_t j = 0;
-        for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sg + j));
+        for (; j + 8 <= n; j += 8)
+            vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sg + j));
         float m = hmax8(vmax);
-        for (; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+        for (; j < n; ++j)
+            m = sg[j] > m ? sg[j] : m;
         const __m256 vm = _mm256_set1_ps(m);
         __m256 vsum = _mm256_setzero_ps();
         for (j = 0; j + 8 <= n; j += 8) {
@@ -220,7 +229,8 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
             sum += sg[j];
         }
         const float inv = 1.0f / sum;
-        for (j = 0; j < n; ++j) sg[j] *= inv;
+        for (j = 0; j < n; ++j)
+            sg[j] *= inv;
     }
     for (int64_t g0 = 0; g0 < group; g0 += 2) {
         const int64_t G = group - g0 < 2 ? group - g0 : 2;
@@ -228,13 +238,16 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
             const int64_t w = d - i0 < 32 ? (d - i0) / 8 : 4;
             __m256 acc[2][4];
             for (int g = 0; g < 2; ++g)
-                for (int c = 0; c < 4; ++c) acc[g][c] = _mm256_setzero_ps();
+                for (int c = 0; c < 4; ++c)
+                    acc[g][c] = _mm256_setzero_ps();
             for (int64_t j = 0; j < n; ++j) {
                 __m256 v[4];
-                for (int c = 0; c < w; ++c) v[c] = load8(values, kv, j * d + i0 + 8 * c);
+                for (int c = 0; c < w; ++c)
+                    v[c] = load8(values, kv, j * d + i0 + 8 * c);
                 for (int g = 0; g < G; ++g) {
                     const __m256 p = _mm256_set1_ps(scores[(g0 + g) * n + j]);
-                    for (int c = 0; c < w; ++c) acc[g][c] = _mm256_fmadd_ps(p, v[c], acc[g][c]);
+                    for (int c = 0; c < w; ++c)
+                        acc[g][c] = _mm256_fmadd_ps(p, v[c], acc[g][c]);
                 }
             }
             for (int g = 0; g < G; ++g)
@@ -244,8 +257,8 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
     }
 }
 
-BITNET158_AVX2 void float_rows_avx2(const float* h, int64_t T, int64_t k, const void* w,
-                                    Dtype wt, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+BITNET158_AVX2 void float_rows_avx2(const float* h, int64_t T, int64_t k, const void* w, Dtype wt,
+                                    int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t es = wt == Dtype::f32 ? 4 : 2;
     for (int64_t r = r0; r < r1; ++r) {
         const void* row = static_cast<const char*>(w) + r * k * es;
@@ -259,9 +272,10 @@ BITNET158_AVX2 void float_rows_avx2(const float* h, int64_t T, int64_t k, const 
             }
             float s = hsum8(_mm256_add_ps(a0, a1));
             for (; i < k; ++i) {
-                const float wv = wt == Dtype::f16    ? half_to_float(static_cast<const uint16_t*>(row)[i])
-                                 : wt == Dtype::bf16 ? bf16_to_float(static_cast<const uint16_t*>(row)[i])
-                                                     : static_cast<const float*>(row)[i];
+                const float wv =
+                    wt == Dtype::f16    ? half_to_float(static_cast<const uint16_t*>(row)[i])
+                    : wt == Dtype::bf16 ? bf16_to_float(static_cast<const uint16_t*>(row)[i])
+                                        : static_cast<const float*>(row)[i];
                 s += x[i] * wv;
             }
             out[t * ldo + r] = s;
@@ -282,10 +296,12 @@ BITNET158_AVX2 void int8_rows_avx2(const int8_t* x_q, int64_t T, int64_t kpad, c
             __m256i acc = _mm256_setzero_si256();
             for (int64_t i = 0; i < kpad; i += 32) {
                 const __m256i xv = ld(x + i), wv = ld(wr + i);
-                const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+                const __m256i p =
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
             }
-            const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+            const __m128i s =
+                _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
             const __m128i t2 = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
             out[t * ldo + r] = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 0xb1)));
         }
@@ -298,8 +314,8 @@ BITNET158_AVX2 void silu_mul_avx2(float* g, const float* u, int64_t n) {
     for (; i + 8 <= n; i += 8) {
         const __m256 x = _mm256_loadu_ps(g + i);
         const __m256 e = exp_neg(_mm256_sub_ps(_mm256_setzero_ps(), x));
-        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)),
-                                              _mm256_loadu_ps(u + i)));
+        _mm256_storeu_ps(
+            g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
     }
     silu_mul_scalar(g + i, u + i, n - i);
 }
@@ -318,7 +334,8 @@ BITNET158_AVX2 void q4_rows_avx2(const int8_t* x_q, const int32_t* x_corr, const
             const int32_t* corr = x_corr + t * (kpad / 4);
             __m256 acc = _mm256_setzero_ps();
             for (int64_t c = 0; c < chunks; ++c) {
-                const __m128 ds = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(dr + 4 * c)));
+                const __m128 ds =
+                    _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(dr + 4 * c)));
                 for (int h = 0; h < 2; ++h) {  // bytes 32h..32h+31: groups h (low), 2 + h (high)
                     const __m256i p = ld(reinterpret_cast<const int8_t*>(wr + 64 * c + 32 * h));
                     const __m256i u[2] = {_mm256_and_si256(p, low),
@@ -326,8 +343,10 @@ BITNET158_AVX2 void q4_rows_avx2(const int8_t* x_q, const int32_t* x_corr, const
                     for (int j = 0; j < 2; ++j) {  // maddubs: |pair| <= 2 * 15 * 128, no saturation
                         const int g = 2 * j + h;
                         const __m256i s = _mm256_add_epi32(
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(u[j], ld(x + 128 * c + 32 * g)), ones),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 32 * c + 8 * g)));
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(u[j], ld(x + 128 * c + 32 * g)),
+                                              ones),
+                            _mm256_loadu_si256(
+                                reinterpret_cast<const __m256i*>(corr + 32 * c + 8 * g)));
                         const __m256 dg = _mm256_set1_ps(ds[g]);
                         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dg, acc);
                     }

@@ -25,7 +25,8 @@ BITNET158_AVX512 float quantize_row_avx512(const float* x, int64_t k, int8_t* q)
                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(r));
     }
-    for (; i < k; ++i) q[i] = quantize_value(x[i] * s);
+    for (; i < k; ++i)
+        q[i] = quantize_value(x[i] * s);
     return s;
 }
 
@@ -45,8 +46,8 @@ BITNET158_AVX512 static inline __m128i hsum4(__m512i a, __m512i b, __m512i c, __
     const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
     const __m512i abcd =  // every 128-bit lane: partial sums of a, b, c, d
         _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
-    const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd),
-                                          _mm512_extracti64x4_epi64(abcd, 1));
+    const __m256i half =
+        _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
     return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
 }
 
@@ -57,7 +58,8 @@ BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, 
                                          int64_t ldx, int32_t dots[kMaxTileTokens][kRows]) {
     __m512i acc[kRows][NT];
     for (int r = 0; r < kRows; ++r)
-        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_si512();
+        for (int t = 0; t < NT; ++t)
+            acc[r][t] = _mm512_setzero_si512();
     const __m512i mask = _mm512_set1_epi8(3);
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
@@ -92,7 +94,8 @@ BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblo
                                               const int8_t* x,
                                               int32_t dots[kMaxTileTokens][kRows]) {
     __m512i acc0[kRows], acc1[kRows];
-    for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
+    for (int r = 0; r < kRows; ++r)
+        acc0[r] = acc1[r] = _mm512_setzero_si512();
     const __m512i mask = _mm512_set1_epi8(3);
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
@@ -103,12 +106,12 @@ BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblo
         for (int r = 0; r < kRows; ++r) {
             const __m512i p = load64(w + 64 * r);
             acc0[r] = _mm512_dpbusd_epi32(acc0[r], _mm512_and_si512(p, mask), x0);
-            acc1[r] = _mm512_dpbusd_epi32(acc1[r],
-                                          _mm512_and_si512(_mm512_srli_epi16(p, 2), mask), x1);
-            acc0[r] = _mm512_dpbusd_epi32(acc0[r],
-                                          _mm512_and_si512(_mm512_srli_epi16(p, 4), mask), x2);
-            acc1[r] = _mm512_dpbusd_epi32(acc1[r],
-                                          _mm512_and_si512(_mm512_srli_epi16(p, 6), mask), x3);
+            acc1[r] =
+                _mm512_dpbusd_epi32(acc1[r], _mm512_and_si512(_mm512_srli_epi16(p, 2), mask), x1);
+            acc0[r] =
+                _mm512_dpbusd_epi32(acc0[r], _mm512_and_si512(_mm512_srli_epi16(p, 4), mask), x2);
+            acc1[r] =
+                _mm512_dpbusd_epi32(acc1[r], _mm512_and_si512(_mm512_srli_epi16(p, 6), mask), x3);
         }
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[0]),
@@ -117,8 +120,8 @@ BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblo
 }
 
 BITNET158_AVX512 void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum, int64_t T,
-                                         int64_t kpad, const uint8_t* packed, int64_t n,
-                                         int64_t g0, int64_t g1, const GemmOut& out) {
+                                         int64_t kpad, const uint8_t* packed, int64_t n, int64_t g0,
+                                         int64_t g1, const GemmOut& out) {
     const int64_t nblocks = kpad / kBlock;
     int32_t dots[kMaxTileTokens][kRows];
     for (int64_t g = g0; g < g1; ++g) {
@@ -162,8 +165,8 @@ BITNET158_AVX512 static inline __m512 exp_neg(__m512 x) {
 // 16 floats of a row of dtype t starting at element i (f32 or f16; bf16 for the output layer).
 BITNET158_AVX512 static inline __m512 load16(const void* p, Dtype t, int64_t i) {
     if (t == Dtype::f16)
-        return _mm512_cvtph_ps(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+        return _mm512_cvtph_ps(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
     if (t == Dtype::bf16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(
             _mm512_cvtepu16_epi32(_mm256_loadu_si256(
@@ -185,20 +188,23 @@ BITNET158_AVX512 static inline __m512 load16_tail(const void* p, Dtype t, int64_
 
 // Scores of G query heads against one key row: s[g] = (q_g . key) * scale.
 template <int G>
-BITNET158_AVX512 static inline void score_row(const float* q, int64_t d, const void* key,
-                                              Dtype kv, float scale, float* s, int64_t ld) {
+BITNET158_AVX512 static inline void score_row(const float* q, int64_t d, const void* key, Dtype kv,
+                                              float scale, float* s, int64_t ld) {
     __m512 acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g)
+        acc[g] = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
         const __m512 k = load16(key, kv, i);
-        for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + i), k, acc[g]);
+        for (int g = 0; g < G; ++g)
+            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + i), k, acc[g]);
     }
-    for (int g = 0; g < G; ++g) s[g * ld] = _mm512_reduce_add_ps(acc[g]) * scale;
+    for (int g = 0; g < G; ++g)
+        s[g * ld] = _mm512_reduce_add_ps(acc[g]) * scale;
 }
 
 BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* keys,
-                                    const void* values, Dtype kv, int64_t n, int64_t d,
-                                    float scale, float* scores, float* out) {
+                                    const void* values, Dtype kv, int64_t n, int64_t d, float scale,
+                                    float* scores, float* out) {
     if (d % 16) {
         attend_scalar(q, group, keys, values, kv, n, d, scale, scores, out);
         return;
@@ -208,9 +214,10 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
         const float* qg = q + g0 * d;
         float* sg = scores + g0 * n;
         for (int64_t j = 0; j < n; ++j) {
-            const void* key = kv == Dtype::f16
-                                  ? static_cast<const void*>(static_cast<const uint16_t*>(keys) + j * d)
-                                  : static_cast<const void*>(static_cast<const float*>(keys) + j * d);
+            const void* key =
+                kv == Dtype::f16
+                    ? static_cast<const void*>(static_cast<const uint16_t*>(keys) + j * d)
+                    : static_cast<const void*>(static_cast<const float*>(keys) + j * d);
             switch (G) {
                 case 1: score_row<1>(qg, d, key, kv, scale, sg + j, n); break;
                 case 2: score_row<2>(qg, d, key, kv, scale, sg + j, n); break;
@@ -224,9 +231,11 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
         float* sg = scores + g * n;
         __m512 vmax = _mm512_set1_ps(-__builtin_inff());
         int64_t j = 0;
-        for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sg + j));
+        for (; j + 16 <= n; j += 16)
+            vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sg + j));
         float m = _mm512_reduce_max_ps(vmax);
-        for (; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+        for (; j < n; ++j)
+            m = sg[j] > m ? sg[j] : m;
         const __m512 vm = _mm512_set1_ps(m);
         __m512 vsum = _mm512_setzero_ps();
         for (j = 0; j + 16 <= n; j += 16) {
@@ -243,7 +252,8 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
         for (j = 0; j + 16 <= n; j += 16)
             _mm512_storeu_ps(sg + j, _mm512_mul_ps(_mm512_loadu_ps(sg + j), inv));
-        for (; j < n; ++j) sg[j] *= _mm512_cvtss_f32(inv);
+        for (; j < n; ++j)
+            sg[j] *= _mm512_cvtss_f32(inv);
     }
     // out[g] = sum_j p[g, j] v[j], 64 output values x up to 4 heads in registers per pass
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
@@ -252,13 +262,16 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
             const int64_t w = d - i0 < 64 ? (d - i0) / 16 : 4;
             __m512 acc[4][4];
             for (int g = 0; g < 4; ++g)
-                for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+                for (int c = 0; c < 4; ++c)
+                    acc[g][c] = _mm512_setzero_ps();
             for (int64_t j = 0; j < n; ++j) {
                 __m512 v[4];
-                for (int c = 0; c < w; ++c) v[c] = load16(values, kv, j * d + i0 + 16 * c);
+                for (int c = 0; c < w; ++c)
+                    v[c] = load16(values, kv, j * d + i0 + 16 * c);
                 for (int g = 0; g < G; ++g) {
                     const __m512 p = _mm512_set1_ps(scores[(g0 + g) * n + j]);
-                    for (int c = 0; c < w; ++c) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+                    for (int c = 0; c < w; ++c)
+                        acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
                 }
             }
             for (int g = 0; g < G; ++g)
@@ -269,8 +282,7 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
 }
 
 BITNET158_AVX512 void float_rows_avx512(const float* h, int64_t T, int64_t k, const void* w,
-                                        Dtype wt, int64_t r0, int64_t r1, float* out,
-                                        int64_t ldo) {
+                                        Dtype wt, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t es = wt == Dtype::f32 ? 4 : 2;
     for (int64_t r = r0; r < r1; ++r) {
         const void* row = static_cast<const char*>(w) + r * k * es;
@@ -293,9 +305,9 @@ BITNET158_AVX512 void float_rows_avx512(const float* h, int64_t T, int64_t k, co
     }
 }
 
-BITNET158_AVX512 void int8_rows_avx512(const int8_t* x_q, int64_t T, int64_t kpad,
-                                       const int8_t* w, const int32_t* w_sum, int64_t r0,
-                                       int64_t r1, int32_t* out, int64_t ldo) {
+BITNET158_AVX512 void int8_rows_avx512(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,
+                                       const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out,
+                                       int64_t ldo) {
     // vpdpbusd multiplies unsigned by signed bytes: (x + 128) . w - 128 * sum(w) = x . w
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     for (int64_t r = r0; r < r1; ++r) {
@@ -307,8 +319,8 @@ BITNET158_AVX512 void int8_rows_avx512(const int8_t* x_q, int64_t T, int64_t kpa
             for (; i + 128 <= kpad; i += 128) {
                 a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x + i), flip),
                                          load64(wr + i));
-                a1 = _mm512_dpbusd_epi32(
-                    a1, _mm512_xor_si512(_mm512_loadu_si512(x + i + 64), flip), load64(wr + i + 64));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(x + i + 64), flip),
+                                         load64(wr + i + 64));
             }
             if (i < kpad)
                 a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x + i), flip),
@@ -324,8 +336,8 @@ BITNET158_AVX512 void silu_mul_avx512(float* g, const float* u, int64_t n) {
     for (; i + 16 <= n; i += 16) {
         const __m512 x = _mm512_loadu_ps(g + i);
         const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), x));
-        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)),
-                                              _mm512_loadu_ps(u + i)));
+        _mm512_storeu_ps(
+            g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
     }
     silu_mul_scalar(g + i, u + i, n - i);
 }
@@ -344,18 +356,17 @@ BITNET158_AVX512 static inline void q4_chunk(const uint8_t* w, const uint16_t* d
     const __m512i a1 = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + 16),
                                            _mm512_and_si512(_mm512_srli_epi16(p, 4), low),
                                            _mm512_loadu_si512(x + 64));
-    const __m512 ds = _mm512_castps128_ps512(
-        _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(d))));
+    const __m512 ds =
+        _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(d))));
     acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_permutexvar_ps(lo_idx, ds), acc0);
     acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_permutexvar_ps(hi_idx, ds), acc1);
 }
 
 // One row at a time (several row streams at once defeat the prefetcher, kernel_limits.md),
 // two chunks per step so that four accumulator chains hide the FMA latency.
-BITNET158_AVX512 void q4_rows_avx512(const int8_t* x_q, const int32_t* x_corr,
-                                     const float* inv_s, int64_t T, int64_t kpad,
-                                     const uint8_t* w, const uint16_t* d, int64_t r0, int64_t r1,
-                                     float* out, int64_t ldo) {
+BITNET158_AVX512 void q4_rows_avx512(const int8_t* x_q, const int32_t* x_corr, const float* inv_s,
+                                     int64_t T, int64_t kpad, const uint8_t* w, const uint16_t* d,
+                                     int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t chunks = kpad / 128;
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* wr = w + r * (kpad / 2);
@@ -367,9 +378,11 @@ BITNET158_AVX512 void q4_rows_avx512(const int8_t* x_q, const int32_t* x_corr,
             int64_t c = 0;
             for (; c + 2 <= chunks; c += 2) {
                 q4_chunk(wr + 64 * c, dr + 4 * c, x + 128 * c, corr + 32 * c, a0, a1);
-                q4_chunk(wr + 64 * c + 64, dr + 4 * c + 4, x + 128 * c + 128, corr + 32 * c + 32, a2, a3);
+                q4_chunk(wr + 64 * c + 64, dr + 4 * c + 4, x + 128 * c + 128, corr + 32 * c + 32,
+                         a2, a3);
             }
-            if (c < chunks) q4_chunk(wr + 64 * c, dr + 4 * c, x + 128 * c, corr + 32 * c, a0, a1);
+            if (c < chunks)
+                q4_chunk(wr + 64 * c, dr + 4 * c, x + 128 * c, corr + 32 * c, a0, a1);
             const __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
             out[t * ldo + r] = _mm512_reduce_add_ps(sum) * inv_s[t];
         }

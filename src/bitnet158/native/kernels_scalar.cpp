@@ -13,7 +13,8 @@ float quantize_row_scalar(const float* x, int64_t k, int8_t* q) {
         amax = a > amax ? a : amax;  // NaN compares false: ignored, as by the SIMD max
     }
     const float s = activation_scale(amax);
-    for (int64_t i = 0; i < k; ++i) q[i] = quantize_value(x[i] * s);
+    for (int64_t i = 0; i < k; ++i)
+        q[i] = quantize_value(x[i] * s);
     return s;
 }
 
@@ -27,11 +28,11 @@ static int32_t row_dot_codes(const uint8_t* group, int64_t nblocks, int r, const
         for (int m = 0; m < 64; ++m) {
             // |code * x| <= 256: 16-bit products and sums (|sum| <= 1024) vectorize well
             const uint8_t byte = w[m];
-            const int16_t sum = static_cast<int16_t>(
-                int16_t(byte & 3) * int16_t(xb[m]) +
-                int16_t((byte >> 2) & 3) * int16_t(xb[64 + m]) +
-                int16_t((byte >> 4) & 3) * int16_t(xb[128 + m]) +
-                int16_t(byte >> 6) * int16_t(xb[192 + m]));
+            const int16_t sum =
+                static_cast<int16_t>(int16_t(byte & 3) * int16_t(xb[m]) +
+                                     int16_t((byte >> 2) & 3) * int16_t(xb[64 + m]) +
+                                     int16_t((byte >> 4) & 3) * int16_t(xb[128 + m]) +
+                                     int16_t(byte >> 6) * int16_t(xb[192 + m]));
             acc += sum;
         }
     }
@@ -66,10 +67,13 @@ static float dot16(const float* a, const void* b, Dtype bt, int64_t off, int64_t
     float acc[16] = {};
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * load_float(b, bt, off + i + l);
-    for (int l = 0; i + l < n; ++l) acc[l] += a[i + l] * load_float(b, bt, off + i + l);
+        for (int l = 0; l < 16; ++l)
+            acc[l] += a[i + l] * load_float(b, bt, off + i + l);
+    for (int l = 0; i + l < n; ++l)
+        acc[l] += a[i + l] * load_float(b, bt, off + i + l);
     float s = 0.0f;
-    for (float v : acc) s += v;
+    for (float v : acc)
+        s += v;
     return s;
 }
 
@@ -88,10 +92,12 @@ void attend_scalar(const float* q, int64_t group, const void* keys, const void* 
             sum += sg[j];
         }
         float* o = out + g * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = 0.0f;
+        for (int64_t i = 0; i < d; ++i)
+            o[i] = 0.0f;
         for (int64_t j = 0; j < n; ++j) {
             const float p = sg[j] / sum;
-            for (int64_t i = 0; i < d; ++i) o[i] += p * load_float(values, kv, j * d + i);
+            for (int64_t i = 0; i < d; ++i)
+                o[i] += p * load_float(values, kv, j * d + i);
         }
     }
 }
@@ -99,7 +105,8 @@ void attend_scalar(const float* q, int64_t group, const void* keys, const void* 
 void float_rows_scalar(const float* h, int64_t T, int64_t k, const void* w, Dtype wt, int64_t r0,
                        int64_t r1, float* out, int64_t ldo) {
     for (int64_t r = r0; r < r1; ++r)
-        for (int64_t t = 0; t < T; ++t) out[t * ldo + r] = dot16(h + t * k, w, wt, r * k, k);
+        for (int64_t t = 0; t < T; ++t)
+            out[t * ldo + r] = dot16(h + t * k, w, wt, r * k, k);
 }
 
 void int8_rows_scalar(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,
@@ -110,14 +117,16 @@ void int8_rows_scalar(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* 
         for (int64_t t = 0; t < T; ++t) {
             const int8_t* x = x_q + t * kpad;
             int32_t acc = 0;
-            for (int64_t i = 0; i < kpad; ++i) acc += int32_t(x[i]) * int32_t(wr[i]);
+            for (int64_t i = 0; i < kpad; ++i)
+                acc += int32_t(x[i]) * int32_t(wr[i]);
             out[t * ldo + r] = acc;
         }
     }
 }
 
 void silu_mul_scalar(float* g, const float* u, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) g[i] = (g[i] / (1.0f + std::exp(-g[i]))) * u[i];
+    for (int64_t i = 0; i < n; ++i)
+        g[i] = (g[i] / (1.0f + std::exp(-g[i]))) * u[i];
 }
 
 void q4_rows_scalar(const int8_t* x_q, const int32_t* x_corr, const float* inv_s, int64_t T,

@@ -40,7 +40,8 @@ constexpr int64_t kMaxK = int64_t(1) << 22;
 template <class T>
 Out<T> new_array(std::initializer_list<size_t> shape, T** data) {
     size_t size = 1;
-    for (size_t d : shape) size *= d;
+    for (size_t d : shape)
+        size *= d;
     T* ptr = new T[size > 0 ? size : 1];
     nb::capsule owner(ptr, [](void* p) noexcept { delete[] static_cast<T*>(p); });
     *data = ptr;
@@ -53,7 +54,8 @@ template <class T>
 Out<T> new_aligned(int64_t rows, int64_t cols, T** data) {
     const size_t bytes = size_t(std::max<int64_t>(rows * cols, 1)) * sizeof(T);
     void* ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (!ptr) throw std::bad_alloc();
+    if (!ptr)
+        throw std::bad_alloc();
     nb::capsule owner(ptr, [](void* p) noexcept { std::free(p); });
     *data = static_cast<T*>(ptr);
     const size_t shape[2] = {size_t(rows), size_t(cols)};
@@ -61,7 +63,8 @@ Out<T> new_aligned(int64_t rows, int64_t cols, T** data) {
 }
 
 Isa pick_isa(const std::optional<std::string>& name) {
-    if (!name) return active_isa();
+    if (!name)
+        return active_isa();
     const Isa isa = parse_isa(*name);  // std::invalid_argument -> ValueError
     if (!isa_supported(isa))
         throw nb::value_error(("ISA '" + *name + "' is not supported by this CPU").c_str());
@@ -74,17 +77,17 @@ void check_dims(int64_t n, int64_t k) {
             ("n and k must be >= 1, got n=" + std::to_string(n) + ", k=" + std::to_string(k))
                 .c_str());
     if (k > kMaxK)
-        throw nb::value_error(("k=" + std::to_string(k) + " exceeds the supported maximum " +
-                               std::to_string(kMaxK))
-                                  .c_str());
+        throw nb::value_error(
+            ("k=" + std::to_string(k) + " exceeds the supported maximum " + std::to_string(kMaxK))
+                .c_str());
 }
 
 void check_packed(const In2D<uint8_t>& packed, int64_t n, int64_t k) {
     const int64_t groups = (n + kRows - 1) / kRows, kpad = (k + kBlock - 1) / kBlock * kBlock;
     if (int64_t(packed.shape(0)) != groups || int64_t(packed.shape(1)) != kpad)
-        throw nb::value_error(("packed weights for n=" + std::to_string(n) + ", k=" +
-                               std::to_string(k) + " must have shape (" + std::to_string(groups) +
-                               ", " + std::to_string(kpad) + "), got (" +
+        throw nb::value_error(("packed weights for n=" + std::to_string(n) +
+                               ", k=" + std::to_string(k) + " must have shape (" +
+                               std::to_string(groups) + ", " + std::to_string(kpad) + "), got (" +
                                std::to_string(packed.shape(0)) + ", " +
                                std::to_string(packed.shape(1)) + ")")
                                   .c_str());
@@ -100,7 +103,8 @@ void check_k(const In2D<T>& x, int64_t k, const char* what) {
 
 std::string shape_str(const nb::ndarray<>& a) {
     std::string out = "(";
-    for (size_t i = 0; i < a.ndim(); ++i) out += (i ? ", " : "") + std::to_string(a.shape(i));
+    for (size_t i = 0; i < a.ndim(); ++i)
+        out += (i ? ", " : "") + std::to_string(a.shape(i));
     return out + (a.ndim() == 1 ? ",)" : ")");
 }
 
@@ -112,31 +116,38 @@ bool is_dtype(nb::dlpack::dtype dt, nb::dlpack::dtype_code code, int bits) {
 template <class A>
 Dtype float_dtype(const A& a, bool bf16, const char* what) {
     using nb::dlpack::dtype_code;
-    if (is_dtype(a.dtype(), dtype_code::Float, 32) && !bf16) return Dtype::f32;
-    if (is_dtype(a.dtype(), dtype_code::Float, 16) && !bf16) return Dtype::f16;
-    if (is_dtype(a.dtype(), dtype_code::UInt, 16) && bf16) return Dtype::bf16;
+    if (is_dtype(a.dtype(), dtype_code::Float, 32) && !bf16)
+        return Dtype::f32;
+    if (is_dtype(a.dtype(), dtype_code::Float, 16) && !bf16)
+        return Dtype::f16;
+    if (is_dtype(a.dtype(), dtype_code::UInt, 16) && bf16)
+        return Dtype::bf16;
     throw nb::type_error((std::string(what) + " must be float32, float16, or uint16 bfloat16 bits "
-                          "(with bf16=True)").c_str());
+                                              "(with bf16=True)")
+                             .c_str());
 }
 
 template <class A>
 void check_aligned(const A& a, size_t align, const char* what) {
     if (reinterpret_cast<uintptr_t>(a.data()) % align)
-        throw nb::value_error((std::string(what) + " is not " + std::to_string(align) +
-                               "-byte aligned (allocate it with numpy, not as a view at an odd offset)")
-                                  .c_str());
+        throw nb::value_error(
+            (std::string(what) + " is not " + std::to_string(align) +
+             "-byte aligned (allocate it with numpy, not as a view at an odd offset)")
+                .c_str());
 }
 
 void check_shape(const nb::ndarray<>& a, std::initializer_list<int64_t> want, const char* what) {
     bool ok = a.ndim() == want.size();
     size_t i = 0;
-    for (int64_t d : want) ok = ok && i < a.ndim() && int64_t(a.shape(i++)) == d;
+    for (int64_t d : want)
+        ok = ok && i < a.ndim() && int64_t(a.shape(i++)) == d;
     if (!ok) {
         std::string w = "(";
         i = 0;
-        for (int64_t d : want) w += (i++ ? ", " : "") + std::to_string(d);
-        throw nb::value_error((std::string(what) + " must have shape " + w + (want.size() == 1 ? ",)" : ")") +
-                               ", got " + shape_str(a))
+        for (int64_t d : want)
+            w += (i++ ? ", " : "") + std::to_string(d);
+        throw nb::value_error((std::string(what) + " must have shape " + w +
+                               (want.size() == 1 ? ",)" : ")") + ", got " + shape_str(a))
                                   .c_str());
     }
 }
@@ -178,15 +189,18 @@ public:
                    std::optional<In1D<float>> ffn_sub_norm, std::vector<In2D<uint8_t>> packed,
                    std::vector<float> betas) {
         const ModelShape& sh = w_.shape;
-        if (i < 0 || i >= sh.layers) throw nb::index_error("layer index out of range");
+        if (i < 0 || i >= sh.layers)
+            throw nb::index_error("layer index out of range");
         if (packed.size() != 7 || betas.size() != 7)
-            throw nb::value_error("give 7 packed matrices and 7 scales: q, k, v, o, gate, up, down");
+            throw nb::value_error(
+                "give 7 packed matrices and 7 scales: q, k, v, o, gate, up, down");
         LayerWeights& L = w_.layers[size_t(i)];
         const int64_t H = sh.hidden, QS = sh.heads * sh.head_dim, KVS = sh.kv_heads * sh.head_dim;
         auto norm = [&](const std::optional<In1D<float>>& a, int64_t n, bool required,
                         const char* what) -> const float* {
             if (!a) {
-                if (required) throw nb::value_error((std::string(what) + " is required").c_str());
+                if (required)
+                    throw nb::value_error((std::string(what) + " is required").c_str());
                 return nullptr;
             }
             check_shape(nb::ndarray<>(*a), {n}, what);
@@ -198,7 +212,7 @@ public:
         L.ffn_norm = norm(ffn_norm, H, false, "ffn_norm");
         L.attn_sub_norm = norm(attn_sub_norm, QS, sh.subln, "attn_sub_norm");
         L.ffn_sub_norm = norm(ffn_sub_norm, sh.inter, sh.subln, "ffn_sub_norm");
-        const int64_t shapes[7][2] = {{QS, H}, {KVS, H}, {KVS, H}, {H, QS},
+        const int64_t shapes[7][2] = {{QS, H},       {KVS, H},      {KVS, H},     {H, QS},
                                       {sh.inter, H}, {sh.inter, H}, {H, sh.inter}};
         Ternary* dst[7] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
         for (int j = 0; j < 7; ++j) {
@@ -222,7 +236,8 @@ public:
     // The float output layer (None: the embedding, tied) and the final norm's weight.
     void set_output(std::optional<In1D<float>> final_norm, std::optional<AnyRO> head, bool bf16) {
         const ModelShape& sh = w_.shape;
-        if (!w_.embed) throw nb::value_error("set_embedding first");
+        if (!w_.embed)
+            throw nb::value_error("set_embedding first");
         w_.final_norm = nullptr;
         if (final_norm) {
             check_shape(nb::ndarray<>(*final_norm), {sh.hidden}, "final norm");
@@ -246,13 +261,15 @@ public:
     // Switch the output layer to int8 rows (quantize_rows_int8's output).
     void set_output_int8(In2D<int8_t> q, In1D<float> row_scale, In1D<int32_t> row_sum) {
         const ModelShape& sh = w_.shape;
-        if (!head_set_) throw nb::value_error("set_output first");
+        if (!head_set_)
+            throw nb::value_error("set_output first");
         const int64_t kpad = round_up(sh.hidden, 64);
         check_shape(nb::ndarray<>(q), {sh.vocab, kpad}, "int8 lm_head");
         check_shape(nb::ndarray<>(row_scale), {sh.vocab}, "row_scale");
         check_shape(nb::ndarray<>(row_sum), {sh.vocab}, "row_sum");
         check_aligned(q, 64, "int8 lm_head");
-        for (auto o : {nb::cast(q), nb::cast(row_scale), nb::cast(row_sum)}) keep_.push_back(o);
+        for (auto o : {nb::cast(q), nb::cast(row_scale), nb::cast(row_sum)})
+            keep_.push_back(o);
         w_.head.w_q4 = nullptr;
         w_.head.w_i8 = q.data();
         w_.head.row_scale = row_scale.data();
@@ -263,13 +280,15 @@ public:
     // Switch the output layer to 4-bit groups (quantize_rows_q4's output).
     void set_output_q4(In2D<uint8_t> nibbles, In2D<uint16_t> d) {
         const ModelShape& sh = w_.shape;
-        if (!head_set_) throw nb::value_error("set_output first");
+        if (!head_set_)
+            throw nb::value_error("set_output first");
         const int64_t kpad = round_up(sh.hidden, 128);
         check_shape(nb::ndarray<>(nibbles), {sh.vocab, kpad / 2}, "4-bit lm_head");
         check_shape(nb::ndarray<>(d), {sh.vocab, kpad / 32}, "4-bit lm_head scales");
         check_aligned(nibbles, 64, "4-bit lm_head");
         check_aligned(d, 2, "4-bit lm_head scales");
-        for (auto o : {nb::cast(nibbles), nb::cast(d)}) keep_.push_back(o);
+        for (auto o : {nb::cast(nibbles), nb::cast(d)})
+            keep_.push_back(o);
         w_.head.w_i8 = nullptr;
         w_.head.w_q4 = nibbles.data();
         w_.head.d_q4 = d.data();
@@ -277,8 +296,10 @@ public:
     }
 
     std::string head_kind() const {
-        if (w_.head.w_q4) return "q4";
-        if (w_.head.w_i8) return "int8";
+        if (w_.head.w_q4)
+            return "q4";
+        if (w_.head.w_i8)
+            return "int8";
         switch (w_.head.dtype) {
             case Dtype::f16: return "float16";
             case Dtype::bf16: return "bfloat16";
@@ -292,8 +313,10 @@ public:
         const Isa use = pick_isa(isa);
         const ModelShape& sh = w_.shape;
         for (size_t i = 0; i < set_.size(); ++i)
-            if (!set_[i]) throw nb::value_error(("layer " + std::to_string(i) + " is not set").c_str());
-        if (!head_set_) throw nb::value_error("the output layer is not set");
+            if (!set_[i])
+                throw nb::value_error(("layer " + std::to_string(i) + " is not set").c_str());
+        if (!head_set_)
+            throw nb::value_error("the output layer is not set");
         const int64_t T = tokens.shape(0), R = out_rows.shape(0);
         if (int64_t(slots.shape(0)) != T || int64_t(positions.shape(0)) != T)
             throw nb::value_error("tokens, slots and positions must have the same length");
@@ -308,11 +331,13 @@ public:
         if (k_cache.dtype() != v_cache.dtype())
             throw nb::type_error("keys and values of the KV cache must have the same dtype");
         if (k_cache.ndim() != 5)
-            throw nb::value_error("the KV cache must have shape (slots, layers, kv_heads, max_context, head_dim)");
+            throw nb::value_error(
+                "the KV cache must have shape (slots, layers, kv_heads, max_context, head_dim)");
         cache.slots = k_cache.shape(0);
         cache.max_ctx = k_cache.shape(3);
         for (const AnyRW* a : {&k_cache, &v_cache}) {
-            check_shape(nb::ndarray<>(*a), {cache.slots, sh.layers, sh.kv_heads, cache.max_ctx, sh.head_dim},
+            check_shape(nb::ndarray<>(*a),
+                        {cache.slots, sh.layers, sh.kv_heads, cache.max_ctx, sh.head_dim},
                         "KV cache");
             check_aligned(*a, 64, "KV cache");
         }
@@ -341,13 +366,15 @@ private:
 NB_MODULE(_native, m) {
     m.doc() = "bitnet158 native kernels: ternary GEMM over the packed layout of packing.py";
 
-    m.def("isa", [] { return std::string(isa_name(active_isa())); },
-          "The instruction set the kernels dispatch to (BITNET158_ISA overrides CPUID).");
+    m.def(
+        "isa", [] { return std::string(isa_name(active_isa())); },
+        "The instruction set the kernels dispatch to (BITNET158_ISA overrides CPUID).");
     m.def(
         "available_isas",
         [] {
             std::vector<std::string> out;
-            for (Isa isa : supported_isas()) out.emplace_back(isa_name(isa));
+            for (Isa isa : supported_isas())
+                out.emplace_back(isa_name(isa));
             return out;
         },
         "The instruction sets this CPU can run, from CPUID.");
@@ -421,9 +448,11 @@ NB_MODULE(_native, m) {
         [](AnyRO w, bool bf16, std::optional<std::string> isa) {
             const Isa use = pick_isa(isa);
             const Dtype dt = float_dtype(w, bf16, "w");
-            if (w.ndim() != 2) throw nb::value_error("w must be 2-D [rows, k]");
+            if (w.ndim() != 2)
+                throw nb::value_error("w must be 2-D [rows, k]");
             check_aligned(w, w.itemsize(), "w");
-            const int64_t rows = w.shape(0), k = w.shape(1), kpad = round_up(std::max<int64_t>(k, 1), 64);
+            const int64_t rows = w.shape(0), k = w.shape(1),
+                          kpad = round_up(std::max<int64_t>(k, 1), 64);
             int8_t* q;
             float* scale;
             int32_t* sum;
@@ -445,9 +474,11 @@ NB_MODULE(_native, m) {
         "quantize_rows_q4",
         [](AnyRO w, bool bf16) {
             const Dtype dt = float_dtype(w, bf16, "w");
-            if (w.ndim() != 2) throw nb::value_error("w must be 2-D [rows, k]");
+            if (w.ndim() != 2)
+                throw nb::value_error("w must be 2-D [rows, k]");
             check_aligned(w, w.itemsize(), "w");
-            const int64_t rows = w.shape(0), k = w.shape(1), kpad = round_up(std::max<int64_t>(k, 1), 128);
+            const int64_t rows = w.shape(0), k = w.shape(1),
+                          kpad = round_up(std::max<int64_t>(k, 1), 128);
             uint8_t* nib;
             uint16_t* d;
             auto nib_arr = new_aligned<uint8_t>(rows, kpad / 2, &nib);

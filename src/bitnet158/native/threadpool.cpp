@@ -5,6 +5,9 @@
 // for the job it read, and the caller may finish every chunk by itself.
 #include "threadpool.h"
 
+#include <pthread.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -13,9 +16,6 @@
 #include <stdexcept>
 #include <thread>
 #include <vector>
-
-#include <pthread.h>
-#include <unistd.h>
 #ifdef __linux__
 #include <sched.h>
 #endif
@@ -41,7 +41,8 @@ inline void cpu_relax() {
 int default_threads() {
 #ifdef __linux__
     cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+    if (sched_getaffinity(0, sizeof set, &set) == 0)
+        return std::max(1, CPU_COUNT(&set));
 #endif
     const unsigned n = std::thread::hardware_concurrency();
     return n ? static_cast<int>(n) : 1;
@@ -65,10 +66,12 @@ public:
     void run(int64_t chunks, ChunkFn call, void* ctx) {
         std::unique_lock<std::mutex> busy(submit_, std::try_to_lock);
         if (!busy.owns_lock() || threads_ == 1 || chunks <= 1 || chunks > 0x7fffffff) {
-            for (int64_t i = 0; i < chunks; ++i) call(ctx, i);
+            for (int64_t i = 0; i < chunks; ++i)
+                call(ctx, i);
             return;
         }
-        if (workers_.empty()) start_workers();
+        if (workers_.empty())
+            start_workers();
         call_.store(call, std::memory_order_relaxed);
         ctx_.store(ctx, std::memory_order_relaxed);
         total_.store(chunks, std::memory_order_relaxed);
@@ -112,8 +115,10 @@ private:
         const auto deadline = std::chrono::steady_clock::now() + kSpin;
         for (int i = 1;; ++i) {
             const uint64_t s = state_.load(std::memory_order_acquire);
-            if ((s >> 32) != seen || stop_.load(std::memory_order_relaxed)) return s;
-            if (i % 64 == 0 && std::chrono::steady_clock::now() > deadline) break;
+            if ((s >> 32) != seen || stop_.load(std::memory_order_relaxed))
+                return s;
+            if (i % 64 == 0 && std::chrono::steady_clock::now() > deadline)
+                break;
             cpu_relax();
         }
         std::unique_lock<std::mutex> lock(sleep_mu_);
@@ -130,7 +135,8 @@ private:
     void worker_loop(uint64_t seen) {
         for (;;) {
             const uint64_t s = wait_for_job(seen);
-            if (stop_.load(std::memory_order_acquire)) return;
+            if (stop_.load(std::memory_order_acquire))
+                return;
             seen = s >> 32;
             work(s);
         }
@@ -149,7 +155,8 @@ private:
             stop_.store(true);
             sleep_cv_.notify_all();
         }
-        for (std::thread& w : workers_) w.join();
+        for (std::thread& w : workers_)
+            w.join();
         workers_.clear();
     }
 
@@ -192,17 +199,21 @@ Pool& pool() {
 }  // namespace
 
 void set_num_threads(int n) {
-    if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
+    if (n < 1)
+        throw std::invalid_argument("number of threads must be >= 1");
     Pool& p = pool();
     std::lock_guard<std::mutex> lock(g_mu);
     g_requested = n;
     p.resize(n);
 }
 
-int num_threads() { return pool().threads(); }
+int num_threads() {
+    return pool().threads();
+}
 
 void parallel_for_chunks(int64_t chunks, void (*call)(void*, int64_t), void* ctx) {
-    if (chunks <= 0) return;
+    if (chunks <= 0)
+        return;
     pool().run(chunks, call, ctx);
 }
 
