@@ -186,7 +186,7 @@ def _train_config(args: argparse.Namespace):
         eval_every=args.eval_every or max(1, args.steps // 10),
         log_every=args.log_every,
         lambda_schedule=args.lambda_schedule,
-        lambda_warmup=args.lambda_warmup,
+        lambda_warmup=args.lambda_warmup or min(1000, max(1, args.steps // 2)),
         progress=not args.quiet,
     )
 
@@ -262,7 +262,10 @@ def _train_args(p: argparse.ArgumentParser, steps: int, batch: int, seq: int, lr
         help="λ warm-up of the quantization (default constant = 1)",
     )
     g.add_argument(
-        "--lambda-warmup", type=int, default=1000, help="steps of the min/sigmoid λ warm-up"
+        "--lambda-warmup",
+        type=int,
+        default=None,
+        help="steps of the min/sigmoid λ warm-up (default: half the steps, at most 1000)",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")

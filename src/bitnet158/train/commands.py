@@ -304,6 +304,10 @@ def run_quantize(
         tokens = _token_data(data, work, tok_json, "tokens")
         result = pretrain(model, tokens, None, tcfg, log=log)
         summary["final_loss"] = result.losses[-1] if result.losses else None
+        lam = tcfg.lambda_sched()(max(tcfg.steps - 1, 0))
+        if lam < 1.0:
+            log(f"warning: λ is {lam:.2f} < 1 at the end of fine-tuning; the saved model is fully "
+                "quantized and computes something else (use more steps or a shorter warm-up)")  # fmt: skip
     summary["hf"] = str(export_hf(model, out, tok_json, template))
     log(f"wrote {summary['hf']} (transformers format, BitNet quantization_config)")
     if native:
