@@ -183,7 +183,16 @@ def requantize_embedding(src: Path, dst: Path, ggml_type: int = Q4_K) -> Path:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's peak resident memory in bytes. VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss over from the forking parent (the driver), VmHWM belongs to this image alone."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -352,6 +361,10 @@ def worker_transformers(args: dict) -> dict:
     )
 
 
+def worker_bandwidth(args: dict) -> dict:
+    return {"read_bandwidth_gbs": read_bandwidth(args["threads"], args["bytes"]) / 1e9}
+
+
 def worker_requantize(args: dict) -> dict:
     requantize_embedding(Path(args["src"]), Path(args["dst"]))
     return {}
@@ -362,6 +375,7 @@ WORKERS = {
     "llama.cpp": worker_llama_cpp,
     "transformers": worker_transformers,
     "requantize": worker_requantize,
+    "bandwidth": worker_bandwidth,
 }
 
 
@@ -438,13 +452,18 @@ def _transformers_available() -> str | None:
 
 
 def _measure(runs: list, label: str, engine: str, weights: str, kind: str, args: dict,
-             log: Callable[[str], None], bandwidth: float, roofline: dict | None = None) -> None:  # fmt: skip
+             log: Callable[[str], None], bandwidth: float, roofline: dict | None = None,
+             probe_bytes: int = 1 << 30) -> None:  # fmt: skip
     """Run one worker and append its entry (with its decode roofline when known) to runs."""
     log(f"[{label}] {engine} {weights} ...")
+    if roofline:  # the bandwidth of this moment (a shared machine's moves by 1.5x)
+        probe = run_worker("bandwidth", {"threads": args["threads"], "bytes": probe_bytes})
+        bandwidth = probe.get("read_bandwidth_gbs", bandwidth / 1e9) * 1e9
     res = run_worker(kind, args)
     entry = dict(engine=engine, weights=weights, **res)
     if roofline and "decode_tps" in res:
         entry["bytes_per_token"] = per_token = sum(roofline.values())
+        entry["read_bandwidth_gbs"] = bandwidth / 1e9
         entry["roofline_tps"] = bandwidth / per_token
         entry["roofline_fraction"] = res["decode_tps"] / entry["roofline_tps"]
     runs.append(entry)
@@ -518,7 +537,7 @@ def run(
         for head, label, bytes_kind in HEADS:
             args = dict(common, path=str(ours), lm_head=head, kv_dtype="float16")
             _measure(runs, shape, "bitnet158", f"2-bit ours + {label} head", "bitnet158", args,
-                     log, bandwidth, decode_bytes_per_token(cfg, bytes_kind))  # fmt: skip
+                     log, bandwidth, decode_bytes_per_token(cfg, bytes_kind), probe_bytes)  # fmt: skip
         if not peers:
             continue
         missing = _llama_cpp_available()
@@ -557,7 +576,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"Threads: {results['threads']}; prefill pp{results['prompt']}, decode tg{results['decode']} "
         f"(from an empty context, as llama-bench), best of {results.get('reps', 1)}; read "
-        f"bandwidth {bw:.1f} GB/s measured in the same run; machine load average "
+        f"bandwidth {bw:.1f} GB/s at the start (and again before each bitnet158 run, for its "
+        "roofline); machine load average "
         f"{results.get('load_average_before', [0])[0]:.1f} before, "
         f"{results.get('load_average_after', [0])[0]:.1f} after. Ratios: against llama.cpp "
         "TQ2_0 with an F16 output layer (ours F16) or Q4_K (ours int8 / 4-bit), the faster of "
