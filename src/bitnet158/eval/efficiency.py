@@ -34,10 +34,12 @@ import numpy as np
 
 from ..config import ModelConfig
 from .energy import (
+    ENERGY_PJ,
     ENERGY_SOURCE,
     EnergyCounter,
     energy_counter_status,
     forward_energy,
+    forward_ops,
     matmul_ratio,
 )
 
@@ -686,7 +688,8 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
                 ax.annotate(f"{ratio:.2f}x", (params[s], y), textcoords="offset points",
                             xytext=(0, 6), ha="center", fontsize=8)  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xticks([params[s] for s in sizes], sizes)
+        shown = [s for s in sizes if key in results["sizes"][s]["runs"]["BitNet b1.58"]]
+        ax.set_xticks([params[s] for s in shown], shown, rotation=45)
         ax.minorticks_off()
         ax.set_xlabel("model size")
         ax.set_ylabel(label)
@@ -701,16 +704,31 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         plt.close(fig)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    first = results["sizes"][sizes[0]]["energy"] if sizes else None
-    if first:  # components of the arithmetic energy (one size), as the paper's left panel
-        kinds = ("fp16_mul", "fp16_add", "int8_add")
+    if sizes:  # the matmuls' energy by operation at the largest size, the paper's left panel
+        big = sizes[-1]
+        cfg = ModelConfig.from_dict(results["sizes"][big]["config"])
+        ops = {
+            m: forward_ops(cfg, k)["projections"]
+            for m, k in zip(MODELS, ("ternary", "fp16"), strict=True)
+        }
         bottom = np.zeros(2)
-        for kind in kinds:
-            values = np.array([first[m]["operations_j"][kind] * 1e3 for m in MODELS[::-1]])
+        for kind in ("fp16_mul", "fp16_add", "int8_add"):
+            values = np.array(
+                [getattr(ops[m], kind) * ENERGY_PJ["7nm"][kind] * 1e-9 for m in MODELS[::-1]]
+            )
             left.bar(list(MODELS[::-1]), values, bottom=bottom, label=kind.replace("_", " "))
             bottom += values
-        left.set_ylabel(f"mJ / token ({sizes[0]}, 7 nm)")
-        left.set_title("arithmetic energy by operation")
+        for i, total in enumerate(bottom):
+            left.annotate(
+                f"{total:.3g} mJ",
+                (i, total),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+            )
+        left.set_ylim(top=bottom.max() * 1.12)
+        left.set_ylabel(f"mJ / token, matrix multiplications ({big}, 7 nm)")
+        left.set_title(f"projection energy by operation ({bottom[0] / bottom[1]:.1f}x)")
         left.legend()
     xs = [params[s] for s in sizes]
     for model in MODELS:
@@ -718,7 +736,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
                    "o-", color=colors[model], label=model)  # fmt: skip
     right.set_xscale("log")
     right.set_yscale("log")
-    right.set_xticks(xs, sizes)
+    right.set_xticks(xs, sizes, rotation=45)
     right.minorticks_off()
     right.set_xlabel("model size")
     right.set_ylabel("mJ / token (7 nm)")
