@@ -161,7 +161,7 @@ def main() -> None:
         rope_theta=10000.0,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
-        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
+        bos_token_id=None,  # documents are separated by EOS; the model never sees a BOS
         eos_token_ids=[eos, tok.token_to_id("<|eot_id|>")],
     )
     (args.out / "config.json").write_text(cfg.to_json())

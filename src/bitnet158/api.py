@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import tokenizers
 
 from .config import ModelConfig
 from .engine.generate import GenerationStats, generate_tokens, stream_text
@@ -22,7 +21,7 @@ from .engine.kernels import set_num_threads
 from .engine.kv_cache import KV_DTYPES
 from .engine.model import EngineModel
 from .engine.sampling import check_params
-from .errors import FormatError, GenerationError
+from .errors import GenerationError
 from .formats.convert import read_checkpoint
 from .formats.native import NativeCheckpoint
 from .formats.tokenizer import IncrementalDecoder, Tokenizer
@@ -153,24 +152,9 @@ class Model:
         return deltas if stream else "".join(deltas)
 
 
-def _tokenizer(ckpt: NativeCheckpoint) -> Tokenizer:
-    """The checkpoint's tokenizer, with BOS/EOS taken from its config where it names them."""
-    try:
-        backend = tokenizers.Tokenizer.from_str(ckpt.tokenizer_json)
-    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-        raise FormatError(
-            f"{ckpt.path}: the stored tokenizer.json cannot be loaded ({exc})"
-        ) from None
-    cfg = ckpt.config
-    bos = backend.id_to_token(cfg.bos_token_id) if cfg.bos_token_id is not None else None
-    eos = backend.id_to_token(cfg.eos_token_ids[0]) if cfg.eos_token_ids else None
-    return Tokenizer(
-        backend,
-        bos_token=bos,
-        eos_token=eos,
-        chat_template=ckpt.chat_template,
-        extra_eos_ids=cfg.eos_token_ids,
-    )
+def checkpoint_tokenizer(ckpt: NativeCheckpoint) -> Tokenizer:
+    """The tokenizer stored with a checkpoint, BOS/EOS from its config."""
+    return Tokenizer.for_model(ckpt.tokenizer_json, ckpt.chat_template, ckpt.config, str(ckpt.path))
 
 
 def load(
@@ -194,6 +178,6 @@ def load(
         raise ValueError(f"kv_cache_dtype must be one of {KV_DTYPES}, got {kv_cache_dtype!r}")
     set_num_threads(threads)
     ckpt = read_checkpoint(path)
-    tokenizer = _tokenizer(ckpt)
+    tokenizer = checkpoint_tokenizer(ckpt)
     engine = EngineModel(ckpt.config, ckpt.tensors, lm_head=lm_head)
     return Model(ckpt.config, engine, tokenizer, Path(ckpt.path), max_context, kv_cache_dtype)

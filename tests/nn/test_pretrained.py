@@ -29,7 +29,7 @@ def test_generate_greedy_matches_the_engine(shipped):
     ids = shipped.generate(**inputs, max_new_tokens=12)
     model = bitnet158.load()
     text = model.generate("ROMEO:", max_new_tokens=12, temperature=0)
-    assert shipped.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:]) == text
+    assert shipped.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :]) == text
 
 
 def test_labels_give_the_language_model_loss(shipped):

@@ -145,7 +145,7 @@ class TorchScorer(Scorer):
     ) -> None:
         import torch
 
-        from ..api import _tokenizer
+        from ..api import checkpoint_tokenizer
         from ..formats.convert import read_checkpoint
         from ..formats.native import unpack_tensors
         from ..nn.model import Transformer
@@ -158,7 +158,7 @@ class TorchScorer(Scorer):
             warnings.simplefilter("ignore", UserWarning)
             tensors = unpack_tensors(cfg, ckpt.tensors)
             self.model = Transformer.from_tensors(cfg, tensors).eval()
-        self.tokenizer = _tokenizer(ckpt)  # the engine's tokenizer: identical token ids
+        self.tokenizer = checkpoint_tokenizer(ckpt)  # the engine's tokenizer: identical token ids
         self.max_context = max_context or cfg.max_position_embeddings
         self.vocab_size = cfg.vocab_size
         self.path = ckpt.path

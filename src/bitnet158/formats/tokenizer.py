@@ -20,6 +20,7 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
+from ..config import ModelConfig
 from ..errors import FormatError, GenerationError
 
 # BitNet b1.58 2B4T's chat format (its tokenizer_config.json chat_template): every turn is
@@ -147,6 +148,22 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise FormatError(f"tokenizer.json: cannot load it ({exc})") from None
         return cls(backend, bos_token=bos_token, eos_token=eos_token, chat_template=chat_template)
+
+    @classmethod
+    def for_model(
+        cls, tokenizer_json: str, chat_template: str | None, config: ModelConfig, where: str = ""
+    ) -> Tokenizer:
+        """A model's tokenizer, with BOS/EOS taken from its config where it names them."""
+        try:
+            backend = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise FormatError(
+                f"{where or 'tokenizer.json'}: the tokenizer cannot be loaded ({exc})"
+            ) from None
+        bos = backend.id_to_token(config.bos_token_id) if config.bos_token_id is not None else None
+        eos = backend.id_to_token(config.eos_token_ids[0]) if config.eos_token_ids else None
+        return cls(backend, bos_token=bos, eos_token=eos, chat_template=chat_template,
+                   extra_eos_ids=config.eos_token_ids)  # fmt: skip
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:

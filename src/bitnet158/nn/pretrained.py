@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..api import checkpoint_tokenizer
 from ..errors import FormatError
 from ..formats.convert import SHIPPED_NAME, read_checkpoint
 from ..formats.native import unpack_tensors
@@ -101,9 +102,7 @@ class BitNet(nn.Module):
         ckpt = read_checkpoint(_resolve(name_or_path))
         tensors = unpack_tensors(ckpt.config, ckpt.tensors)
         model = Transformer.from_tensors(ckpt.config, tensors).eval()
-        return cls(
-            model, Tokenizer.from_json(ckpt.tokenizer_json, ckpt.chat_template), Path(ckpt.path)
-        )
+        return cls(model, checkpoint_tokenizer(ckpt), Path(ckpt.path))
 
     def forward(
         self,

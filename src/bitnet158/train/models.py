@@ -175,7 +175,4 @@ def load_trainable(path: str | os.PathLike | None) -> tuple[Transformer, Tokeniz
 
 def make_tokenizer(tokenizer_json: str, chat_template: str | None, cfg: ModelConfig) -> Tokenizer:
     """The Tokenizer of a model, BOS/EOS taken from its config where it names them."""
-    backend = Tokenizer.from_json(tokenizer_json).backend
-    bos = backend.id_to_token(cfg.bos_token_id) if cfg.bos_token_id is not None else None
-    eos = backend.id_to_token(cfg.eos_token_ids[0]) if cfg.eos_token_ids else None
-    return Tokenizer(backend, bos_token=bos, eos_token=eos, chat_template=chat_template)
+    return Tokenizer.for_model(tokenizer_json, chat_template, cfg)
