@@ -119,7 +119,7 @@ def test_shipped_model_engine_agrees_with_torch(shipped_model, text_file):
     torch = perplexity(make_scorer(shipped_model, "torch"), [path], context=128, stride=64)
     assert engine.scored == torch.scored > 300
     assert relative_difference(engine.ppl, torch.ppl) < 1e-3
-    assert engine.ppl < 100  # a trained model, not a random one
+    assert engine.ppl < 400  # a trained model: a random one scores about its vocabulary (4096)
 
 
 def test_cli_eval_ppl_json(tiny_model, text_file, tmp_path, capsys):
