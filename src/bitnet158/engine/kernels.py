@@ -1,7 +1,8 @@
-"""The engine's ternary linear layer: one call into `bitnet158._native` per projection.
+"""Threads and ISA of the native kernels, and one ternary projection on its own.
 
-The numpy definition of the same operation is `quant.ternary_linear_reference`; the native
-kernel matches it bit for bit (tests/engine/test_engine_model.py).
+The engine runs whole decoder steps in C++ (model.py); `TernaryLinear` is a single BitLinear
+through `_native.bitlinear`, whose numpy definition is `quant.ternary_linear_reference` (the
+native kernel matches it bit for bit: tests/engine/test_engine_model.py).
 """
 
 from __future__ import annotations

@@ -60,14 +60,6 @@ int32_t row_sum(const int8_t* x, int64_t k) {
     return s;
 }
 
-float element(const void* p, Dtype t, int64_t i) {
-    switch (t) {
-        case Dtype::f16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
-        case Dtype::bf16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-        default: return static_cast<const float*>(p)[i];
-    }
-}
-
 int64_t dtype_size(Dtype t) {
     return t == Dtype::f32 ? 4 : 2;
 }
@@ -256,9 +248,7 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
         }
 
     for_rows(T, H, [&](int64_t t) {
-        const int64_t off = int64_t(tokens[t]) * H;
-        for (int64_t i = 0; i < H; ++i)
-            x[size_t(t * H + i)] = element(m.embed, m.embed_dtype, off + i);
+        to_float_row(m.embed, m.embed_dtype, int64_t(tokens[t]) * H, H, &x[size_t(t * H)]);
     });
 
     const NormSpec inner{sh.inner_norm, nullptr, sh.inner_eps, false};
