@@ -12,11 +12,17 @@ gradient), BitLinear makes a handful of elementwise passes over the latent weigh
 every forward (absmean scale, scale-round-clip, dequantize, the straight-through mix). They
 cost O(N*K) memory traffic while the matmuls cost O(T*N*K) flops, so the ratio falls towards
 1 as the tokens per step T grow.
+
+glibc hands buffers above 32 MB (a 2560 x 6912 float32 matrix is 70 MB) straight back to the
+kernel when freed, so every step page-faults its weight-sized buffers afresh, on both sides.
+`--malloc-cache` raises glibc's thresholds so that they are reused (what jemalloc or tcmalloc,
+commonly preloaded for CPU training, do anyway).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -67,13 +73,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="fp32")
     ap.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
+    ap.add_argument("--malloc-cache", action="store_true",
+                    help="keep freed large buffers in glibc's heap (Linux)")  # fmt: skip
     args = ap.parse_args()
+    if args.malloc_cache:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocate up to 1 GiB from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: do not give freed memory back
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     rows = [bench(k, n, t, args.repeats, d) for d in dtypes for t in args.tokens for k, n in SHAPES]
     print(f"BitLinear vs nn.Linear, forward + backward, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, median of {args.repeats}\n")  # fmt: skip
+          f"torch {torch.__version__}, median of {args.repeats}"
+          f"{', glibc malloc cache' if args.malloc_cache else ''}\n")  # fmt: skip
     print("| in → out | tokens | dtype | nn.Linear ms | BitLinear ms | ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -81,6 +94,7 @@ def main() -> None:
               f"{r['bitlinear_ms']:.1f} | {r['ratio']:.2f}× |")  # fmt: skip
     report = {
         "benchmark": "bitlinear_fwd_bwd",
+        "malloc_cache": args.malloc_cache,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
