@@ -71,13 +71,14 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for size in SIZES:
+    for size, color in zip(SIZES, ("tab:blue", "tab:green", "tab:red"), strict=False):
         for kind, style in (("bitnet", "-"), ("fp", "--")):
             run = best(results, size, kind)
             if not run:
                 continue
             steps = [h["step"] for h in run["history"]]
-            ax1.plot(steps, [h["val_ppl"] for h in run["history"]], style, label=f"{size} {kind}")
+            ppl = [h["val_ppl"] for h in run["history"]]
+            ax1.plot(steps, ppl, style, color=color, label=f"{size} {kind}")
     ax1.set(xlabel="step", ylabel="held-out perplexity", yscale="log", title="Training curves")
     ax1.legend(fontsize=8)
     for kind, marker in (("bitnet", "o-"), ("fp", "s--")):
@@ -132,13 +133,11 @@ def table(results: dict, tokens: int) -> str:
         "",
         "Every run:",
         "",
-        "| run | peak lr | held-out ppl | seconds |",
-        "|---|---|---|---|",
+        "| run | peak lr | held-out ppl |",
+        "|---|---|---|",
     ]
     for name, r in sorted(results.items()):
-        lines.append(
-            f"| {name} | {r['train']['lr_peak']:g} | {r['val_ppl']:.2f} | {r['seconds']:.0f} |"
-        )
+        lines.append(f"| {name} | {r['train']['lr_peak']:g} | {r['val_ppl']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
