@@ -56,3 +56,17 @@ def test_run_and_report_without_peers(tmp_path, tiny_shape):
     assert "| bitnet158 | 2-bit ours + F16 head |" in table
     assert "not run: not installed" in table
     json.dumps(results)  # the JSON file holds all of it
+
+
+def test_paired_table():
+    ok = dict(prefill_tps=200.0, decode_tps=40.0)
+    peer = dict(prefill_tps=50.0, decode_tps=20.0)
+    rows = [
+        dict(pair="F16 head vs TQ2_0 + F16", round=1, load_average=1.0, ours=ok, llama_cpp=peer,
+             prefill_ratio=4.0, decode_ratio=2.0),
+        dict(pair="F16 head vs TQ2_0 + F16", round=2, load_average=1.0, ours=ok,
+             llama_cpp=dict(error="no llama_cpp")),
+    ]  # fmt: skip
+    table = bench.paired_markdown(rows)
+    assert "| F16 head vs TQ2_0 + F16 | 1 | 1.0 | 200 / 50 | 4.00× | 40.0 / 20.0 | 2.00× |" in table
+    assert "not run: no llama_cpp" in table

@@ -561,6 +561,62 @@ def run(
     return results
 
 
+# Paired rounds: (our lm_head, GGUF file key) compared back to back, llama.cpp with flash attn.
+PAIRS = (
+    ("exact", "tq2_0", "F16 head vs TQ2_0 + F16"),
+    ("q4", "tq2_0-q4k", "4-bit head vs TQ2_0 + Q4_K"),
+)
+
+
+def paired(shape: str, workdir: Path, threads: int, rounds: int, prompt: int = 512,
+           decode: int = 128, log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+    """Rounds of bitnet158 then llama.cpp back to back (one repetition each), so that both
+    see the same state of a shared machine; the models are those `run` wrote."""
+    common = dict(threads=threads, prompt=prompt, decode=decode, reps=1)
+    ours = workdir / f"{shape}.safetensors"
+    if not ours.exists():
+        write_random_model(shape_config(shape), ours)
+    files = _gguf_files(ours, workdir, shape, [], log)
+    out = []
+    for head, key, label in PAIRS:
+        if key not in files:
+            continue
+        for i in range(rounds):
+            a = run_worker(
+                "bitnet158", dict(common, path=str(ours), lm_head=head, kv_dtype="float16")
+            )
+            b = run_worker("llama.cpp", dict(common, path=str(files[key]), flash_attn=True))
+            row = dict(
+                pair=label, round=i + 1, load_average=os.getloadavg()[0], ours=a, llama_cpp=b
+            )
+            if "prefill_tps" in a and "prefill_tps" in b:
+                row["prefill_ratio"] = a["prefill_tps"] / b["prefill_tps"]
+                row["decode_ratio"] = a["decode_tps"] / b["decode_tps"]
+            log(json.dumps(row))
+            out.append(row)
+    return out
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    """Paired rounds as a markdown table."""
+    lines = [
+        "| pair | round | load avg | prefill tok/s ours / llama.cpp | ratio | decode tok/s ours / llama.cpp | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for r in rows:
+        if "prefill_ratio" not in r:
+            err = r["ours"].get("error") or r["llama_cpp"].get("error")
+            lines.append(f"| {r['pair']} | {r['round']} | | not run: {err[:100]} | | | |")
+            continue
+        a, b = r["ours"], r["llama_cpp"]
+        lines.append(
+            f"| {r['pair']} | {r['round']} | {r['load_average']:.1f} | {a['prefill_tps']:.0f} / "
+            f"{b['prefill_tps']:.0f} | {r['prefill_ratio']:.2f}× | {a['decode_tps']:.1f} / "
+            f"{b['decode_tps']:.1f} | {r['decode_ratio']:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _best(runs: list[dict], prefix: str, key: str) -> float | None:
     values = [
         r[key]
@@ -641,6 +697,14 @@ def add_arguments(p) -> None:
     p.add_argument("--no-peers", action="store_true", help="only bitnet158")
     p.add_argument("--workdir", type=Path, default=None, help="where models are written (kept)")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
+    p.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: ROUNDS of bitnet158 then llama.cpp back to back on the first shape "
+        "(F16 heads, then our 4-bit against Q4_K): ratios that one machine state shares",
+    )
 
 
 def run_from_args(args) -> int:
@@ -651,8 +715,19 @@ def run_from_args(args) -> int:
     if unknown:
         print(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}", file=sys.stderr)
         return 2
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if getattr(args, "paired", 0):
+        missing = _llama_cpp_available()
+        if missing:
+            print(missing, file=sys.stderr)
+            return 2
+        rows = paired(shapes[0], workdir, threads, args.paired, args.prompt, args.decode, log)
+        print(paired_markdown(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0
     results = run(shapes, workdir, threads, args.prompt, args.decode, args.reps,
-                  peers=not args.no_peers, log=lambda s: print(s, file=sys.stderr))  # fmt: skip
+                  peers=not args.no_peers, log=log)  # fmt: skip
     table = markdown(results)
     results["markdown"] = table
     print(table)
