@@ -10,7 +10,6 @@ writes one to our file, a llama.cpp GGUF (TQ2_0 / TQ1_0) or a Hugging Face check
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from .native import (
     save_native,
     unpack_tensors,
 )
+from .tokenizer import read_chat_template
 
 SHIPPED_NAME = "shakespeare-b158"
 SHIPPED_PATH = Path(__file__).resolve().parent.parent / "models" / f"{SHIPPED_NAME}.safetensors"
@@ -56,20 +56,7 @@ def _hf_tokenizer(directory: Path) -> tuple[str, str | None]:
     tok_file = directory / "tokenizer.json"
     if not tok_file.is_file():
         raise FormatError(f"{tok_file}: missing (bitnet158 reads tokenizers from tokenizer.json)")
-    template = None
-    jinja_file = directory / "chat_template.jinja"
-    config_file = directory / "tokenizer_config.json"
-    if jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
-    elif config_file.is_file():
-        try:
-            template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{config_file}: not valid JSON ({exc})") from None
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
-    return tok_file.read_text(encoding="utf-8"), template
+    return tok_file.read_text(encoding="utf-8"), read_chat_template(directory)
 
 
 def source_kind(path: str | os.PathLike | None) -> str:

@@ -79,6 +79,20 @@ def _template_text(value: Any) -> str | None:
     return None
 
 
+def read_chat_template(directory: Path) -> str | None:
+    """A checkpoint directory's chat template: chat_template.jinja (newer transformers save it
+    apart), else tokenizer_config.json's `chat_template`, else None."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    config_file = directory / "tokenizer_config.json"
+    return (
+        _template_text(_read_json(config_file).get("chat_template"))
+        if config_file.is_file()
+        else None
+    )
+
+
 def _tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # As transformers: jinja's own tojson escapes HTML characters, which chat prompts must not.
     return json.dumps(
@@ -190,9 +204,7 @@ class Tokenizer:
             optional("config.json"),
             optional("generation_config.json"),
         )
-        template = _template_text(tok_cfg.get("chat_template"))
-        if (directory / "chat_template.jinja").is_file():  # newer transformers save it apart
-            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        template = read_chat_template(directory)
 
         def by_id(key: str) -> str | None:
             for cfg in (gen_cfg, model_cfg):
