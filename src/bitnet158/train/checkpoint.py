@@ -99,6 +99,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a kill at any moment never leaves a torn `step-*`: rename it
+    out of the checkpoint names first (atomic), then delete; the next save sweeps leftovers."""
+    trash = checkpoint.with_name(f".tmp-{checkpoint.name}-discarded")
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -152,14 +160,14 @@ def save_checkpoint(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # re-saving a step (e.g. the final one): replace it
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(run)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in checkpoints(run)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     _barrier()
     return final
 
