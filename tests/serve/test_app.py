@@ -254,5 +254,8 @@ def test_an_engine_fault_fails_its_requests_not_the_server(model):
             events = sse(r)
         assert "engine fault" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
         backend.failing = False
-        r = httpx.post(srv.url + "/v1/completions", json=body)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        # Seeded, so the reply (which may end at an end-of-sequence token) is model.generate's.
+        r = httpx.post(srv.url + "/v1/completions", json={**body, "seed": 0})
+        expected = model.generate("ROMEO:", max_new_tokens=5, temperature=1.0, seed=0)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+        assert r.json()["usage"]["completion_tokens"] == model.last_stats.new_tokens
