@@ -116,7 +116,11 @@ def test_error_cases_through_the_client(client, model_path):
         (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
         (b'{"prompt": "x", "n": 5}', 400, "n"),
         (b'{"prompt": [1, 999999]}', 400, "prompt"),
-        (b'{"prompt": "x", "logprobs": 3}', 400, None),
+        (b'{"prompt": "x", "logprobs": 3}', 400, "logprobs"),
+        (b'{"prompt": "x", "echo": true}', 400, "echo"),
+        (b'{"prompt": [], "max_tokens": 3}', 400, "prompt"),
+        (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l",'
+         b' "m", "n", "o", "p", "q"]}', 400, "stop"),
         (b'{"max_tokens": 3}', 400, "prompt"),
     ],
 )
@@ -134,6 +138,14 @@ def test_bad_chat_bodies_and_routes(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": 1, "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    # an unknown role and a non-text part are found by checks of the whole body: still named
+    two = [{"role": "user", "content": "x"}, {"role": "wizard", "content": "x"}]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": two})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].role"
+    assert "'wizard' is not one of" in r.json()["error"]["message"]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": image})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
     r = httpx.get(url + "/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
     r = httpx.get(url + "/v1/completions")

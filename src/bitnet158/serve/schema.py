@@ -43,6 +43,14 @@ class APIError(Exception):
         }
 
 
+class FieldError(ValueError):
+    """A check of a whole request that fails on one field: the error's `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -75,15 +83,15 @@ class _Request(BaseModel):
     def _check(self):
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
-                raise ValueError(f"{name} is not supported (use repetition_penalty)")
+                raise FieldError(name, "not supported (use repetition_penalty)")
         if self.logprobs:
-            raise ValueError("logprobs is not supported")
+            raise FieldError("logprobs", "not supported")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise FieldError("logit_bias", "not supported")
         stops = self.stop_list
         if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_LENGTH for s in stops):
-            raise ValueError(
-                f"stop: at most {MAX_STOP} strings of at most {MAX_STOP_LENGTH} characters"
+            raise FieldError(
+                "stop", f"at most {MAX_STOP} strings of at most {MAX_STOP_LENGTH} characters"
             )
         return self
 
@@ -107,11 +115,11 @@ class CompletionRequest(_Request):
     @model_validator(mode="after")
     def _check_completion(self):
         if self.echo:
-            raise ValueError("echo is not supported")
+            raise FieldError("echo", "not supported")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise FieldError("suffix", "not supported")
         if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt: an empty list")
+            raise FieldError("prompt", "an empty list")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -134,14 +142,14 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, where: str = "content") -> str:
         """The message content as one string (text parts joined; other parts refused)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise ValueError(f"message content of type {part.type!r} is not supported")
+                raise FieldError(where, f"content of type {part.type!r} is not supported")
             parts.append(part.text)
         return "".join(parts)
 
@@ -158,10 +166,10 @@ class ChatRequest(_Request):
             self.max_tokens = self.max_completion_tokens
         for i, message in enumerate(self.messages):
             if message.role not in ROLES:
-                raise ValueError(
-                    f"messages[{i}].role: {message.role!r} is not one of {', '.join(ROLES)}"
+                raise FieldError(
+                    f"messages[{i}].role", f"{message.role!r} is not one of {', '.join(ROLES)}"
                 )
-            message.text()
+            message.text(f"messages[{i}].content")
         return self
 
     def conversation(self) -> list[dict[str, str]]:
@@ -187,4 +195,7 @@ def parse(kind: type[_Request], body: bytes) -> _Request:
             raise APIError(400, "the body must be a JSON object") from None
         param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None
         msg = err["msg"].removeprefix("Value error, ")
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, FieldError):  # a check of the whole body, about one field
+            param, msg = cause.param, str(cause)
         raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
