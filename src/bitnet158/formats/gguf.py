@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from ..packing import (
     unpack_tq2_0,
 )
 from ..quant import EPS
+from .atomic import replace_file, temporary_sibling
 from .gguf_vocab import GGUFVocab, tokenizer_json_from_gguf, vocab_from_tokenizer_json
 from .native import NativeCheckpoint, pack_tensors, projection_shapes
 
@@ -629,9 +629,7 @@ def write_gguf(
     pack = pack_tq1_0 if qtype == TQ1_0 else pack_tq2_0
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_sibling(path)
     try:
         w = gguf.GGUFWriter(tmp, arch)
         _write_metadata(w, gguf, cfg, ckpt, vocab, FILE_TYPES[qtype])
@@ -659,9 +657,9 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..packing import pack_hf
+from .atomic import replace_directory, temporary_sibling
 from .native import NativeCheckpoint
 
 # canonical name -> transformers name ("{i}" the layer); sub-norms only for BitNetForCausalLM
@@ -232,8 +232,7 @@ def save_hf(
     cfg = ckpt.config
     arch = check_exportable(cfg)
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", suffix=".tmp", dir=directory.parent))
+    tmp = temporary_sibling(directory, directory=True)
     try:
         named = hf_tensors(cfg, tensors, latent, progress)
         write_safetensors(tmp / "model.safetensors", named)
@@ -241,24 +240,8 @@ def save_hf(
         cj = config_json(cfg, arch, dtype, packed=not latent)
         (tmp / "config.json").write_text(json.dumps(cj, indent=2))
         _tokenizer_files(ckpt, cfg, tmp)
-        _replace(tmp, directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def _replace(new: Path, target: Path) -> None:
-    """Move the finished directory `new` to `target`, replacing what is there."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".old", dir=target.parent))
-    os.replace(target, old / "previous")
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / "previous", target)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

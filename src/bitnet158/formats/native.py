@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
 from ..packing import ours_packed_shape, pack_ours, unpack_ours
+from .atomic import replace_file, temporary_sibling
 
 FORMAT = "bitnet158"
 FORMAT_VERSION = "1"
@@ -205,20 +205,17 @@ def save_native(
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)  # payload starts 8-byte aligned
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = temporary_sibling(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(len(text).to_bytes(8, "little"))
             f.write(text)
             for name in order:
                 value = native[name]
                 f.write(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
