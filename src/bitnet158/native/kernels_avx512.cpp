@@ -323,52 +323,145 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
     }
 }
 
+// NR rows x NT tokens of the output layer: each weight vector is converted once for NT tokens
+// and each activation vector loaded once for NR rows (batched decode reads every row for many
+// sequences). Every (row, token) dot keeps the single-pair order of the scalar twin: lanes of
+// even 16-chunks in a0, odd ones in a1, the masked tail in a0, then reduce(a0 + a1).
+template <int NR, int NT>
+BITNET158_AVX512 static inline void float_tile(const float* h, int64_t k, const void* w, Dtype wt,
+                                               int64_t r, int64_t t0, float* out, int64_t ldo) {
+    const int64_t es = wt == Dtype::f32 ? 4 : 2;
+    const void* row[NR];
+    for (int i = 0; i < NR; ++i)
+        row[i] = static_cast<const char*>(w) + (r + i) * k * es;
+    __m512 a0[NR][NT], a1[NR][NT];
+    for (int i = 0; i < NR; ++i)
+        for (int t = 0; t < NT; ++t)
+            a0[i][t] = a1[i][t] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= k; c += 32) {
+        __m512 w0[NR], w1[NR];
+        for (int i = 0; i < NR; ++i) {
+            w0[i] = load16(row[i], wt, c);
+            w1[i] = load16(row[i], wt, c + 16);
+        }
+        for (int t = 0; t < NT; ++t) {
+            const float* x = h + (t0 + t) * k + c;
+            const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+            for (int i = 0; i < NR; ++i) {
+                a0[i][t] = _mm512_fmadd_ps(x0, w0[i], a0[i][t]);
+                a1[i][t] = _mm512_fmadd_ps(x1, w1[i], a1[i][t]);
+            }
+        }
+    }
+    for (; c < k; c += 16) {
+        const int64_t m = k - c < 16 ? k - c : 16;
+        const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+        for (int i = 0; i < NR; ++i) {
+            const __m512 wv = load16_tail(row[i], wt, c, c + m);
+            for (int t = 0; t < NT; ++t)
+                a0[i][t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, h + (t0 + t) * k + c), wv,
+                                           a0[i][t]);
+        }
+    }
+    for (int i = 0; i < NR; ++i)
+        for (int t = 0; t < NT; ++t)
+            out[(t0 + t) * ldo + r + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i][t], a1[i][t]));
+}
+
+template <int NR>
+BITNET158_AVX512 static inline void float_tiles(const float* h, int64_t T, int64_t k,
+                                                const void* w, Dtype wt, int64_t r, float* out,
+                                                int64_t ldo) {
+    int64_t t0 = 0;
+    for (; t0 + 2 <= T; t0 += 2)
+        float_tile<NR, 2>(h, k, w, wt, r, t0, out, ldo);
+    if (t0 < T)
+        float_tile<NR, 1>(h, k, w, wt, r, t0, out, ldo);
+}
+
+// Decode (T = 1) streams one row at a time; batches take 4 rows x 2 tokens (16 accumulators of
+// the 32 registers; the two activation rows stay in L1 while the weight rows stream through).
 BITNET158_AVX512 void float_rows_avx512(const float* h, int64_t T, int64_t k, const void* w,
                                         Dtype wt, int64_t r0, int64_t r1, float* out, int64_t ldo) {
-    const int64_t es = wt == Dtype::f32 ? 4 : 2;
-    for (int64_t r = r0; r < r1; ++r) {
-        const void* row = static_cast<const char*>(w) + r * k * es;
-        for (int64_t t = 0; t < T; ++t) {
-            const float* x = h + t * k;
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-            int64_t i = 0;
-            for (; i + 32 <= k; i += 32) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load16(row, wt, i), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), load16(row, wt, i + 16), a1);
-            }
-            for (; i < k; i += 16) {
-                const int64_t m = k - i < 16 ? k - i : 16;
-                const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
-                a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + i),
-                                     load16_tail(row, wt, i, i + m), a0);
-            }
-            out[t * ldo + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    int64_t r = r0;
+    if (T > 1)
+        for (; r + 4 <= r1; r += 4)
+            float_tiles<4>(h, T, k, w, wt, r, out, ldo);
+    for (; r < r1; ++r)
+        float_tiles<1>(h, T, k, w, wt, r, out, ldo);
+}
+
+// NR rows x NT tokens of the int8 output layer: each weight load serves NT tokens, each
+// activation load NR rows. Integer sums are exact, so the tiling cannot change a result.
+template <int NR, int NT>
+BITNET158_AVX512 static inline void int8_tile(const int8_t* x_q, int64_t kpad, const int8_t* w,
+                                              const int32_t* w_sum, int64_t r, int64_t t0,
+                                              int32_t* out, int64_t ldo) {
+    // vpdpbusd multiplies unsigned by signed bytes: (x + 128) . w - 128 * sum(w) = x . w
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    __m512i acc[NR][NT];
+    for (int i = 0; i < NR; ++i)
+        for (int t = 0; t < NT; ++t)
+            acc[i][t] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < kpad; c += 64) {
+        __m512i wv[NR];
+        for (int i = 0; i < NR; ++i)
+            wv[i] = load64(w + (r + i) * kpad + c);
+        for (int t = 0; t < NT; ++t) {
+            const __m512i xv = _mm512_xor_si512(_mm512_loadu_si512(x_q + (t0 + t) * kpad + c), flip);
+            for (int i = 0; i < NR; ++i)
+                acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], xv, wv[i]);
         }
+    }
+    for (int i = 0; i < NR; ++i)
+        for (int t = 0; t < NT; ++t)
+            out[(t0 + t) * ldo + r + i] = _mm512_reduce_add_epi32(acc[i][t]) - 128 * w_sum[r + i];
+}
+
+template <int NR>
+BITNET158_AVX512 static inline void int8_tiles(const int8_t* x_q, int64_t T, int64_t kpad,
+                                               const int8_t* w, const int32_t* w_sum, int64_t r,
+                                               int32_t* out, int64_t ldo) {
+    int64_t t0 = 0;
+    for (; t0 + 4 <= T; t0 += 4)
+        int8_tile<NR, 4>(x_q, kpad, w, w_sum, r, t0, out, ldo);
+    switch (T - t0) {
+        case 1: int8_tile<NR, 1>(x_q, kpad, w, w_sum, r, t0, out, ldo); break;
+        case 2: int8_tile<NR, 2>(x_q, kpad, w, w_sum, r, t0, out, ldo); break;
+        case 3: int8_tile<NR, 3>(x_q, kpad, w, w_sum, r, t0, out, ldo); break;
+        default: break;
     }
 }
 
+// Decode (T = 1) streams one row at a time with two accumulator chains; batches take 4 rows x
+// 4 tokens.
 BITNET158_AVX512 void int8_rows_avx512(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,
                                        const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out,
                                        int64_t ldo) {
-    // vpdpbusd multiplies unsigned by signed bytes: (x + 128) . w - 128 * sum(w) = x . w
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t r = r0;
+    if (T > 1) {
+        for (; r + 4 <= r1; r += 4)
+            int8_tiles<4>(x_q, T, kpad, w, w_sum, r, out, ldo);
+        for (; r < r1; ++r)
+            int8_tiles<1>(x_q, T, kpad, w, w_sum, r, out, ldo);
+        return;
+    }
+    for (; r < r1; ++r) {
         const int8_t* wr = w + r * kpad;
-        for (int64_t t = 0; t < T; ++t) {
-            const int8_t* x = x_q + t * kpad;
-            __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-            int64_t i = 0;
-            for (; i + 128 <= kpad; i += 128) {
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x + i), flip),
-                                         load64(wr + i));
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(x + i + 64), flip),
-                                         load64(wr + i + 64));
-            }
-            if (i < kpad)
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x + i), flip),
-                                         load64(wr + i));
-            out[t * ldo + r] = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1)) - 128 * w_sum[r];
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        int64_t i = 0;
+        for (; i + 128 <= kpad; i += 128) {
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x_q + i), flip),
+                                     load64(wr + i));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(x_q + i + 64), flip),
+                                     load64(wr + i + 64));
         }
+        if (i < kpad)
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x_q + i), flip),
+                                     load64(wr + i));
+        out[r] = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1)) - 128 * w_sum[r];
     }
 }
 
