@@ -1,6 +1,7 @@
 """Run by tests/train/test_checkpoint.py: a small pretraining run that checkpoints every step.
 
 argv: run directory, seconds to sleep after each step (so that the test can kill it mid-way).
+Prints "training" once its imports are done, so that the test can time kills from there.
 """
 
 import sys
@@ -22,6 +23,7 @@ def main() -> None:
     tokens = np.random.default_rng(0).integers(0, 64, 3000).astype(np.uint16)
     cfg = TrainConfig(steps=12, batch_size=4, seq_len=16, warmup_steps=2, lr_peak=3e-3,
                       out_dir=out, checkpoint_every=1, keep_checkpoints=3, log_every=100)  # fmt: skip
+    print("training", flush=True)
     pretrain(model, tokens, None, cfg, log=print, on_step=lambda step, loss: time.sleep(delay))
 
 

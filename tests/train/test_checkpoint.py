@@ -67,34 +67,69 @@ def test_interrupted_run_resumes_bit_identically(tmp_path):
     assert [p.name for p in checkpoints(tmp_path / "b")] == ["step-000006", "step-000008"]  # keep=2
 
 
-def test_sigkill_mid_run_then_resume_reaches_the_same_weights(tmp_path):
+def start_worker(run: Path, delay: float, env: dict) -> subprocess.Popen:
+    """kill_worker.py on `run`, returned once its imports are done and training begins."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "kill_worker.py"), str(run), str(delay)],
+                            env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "training"
+    return proc
+
+
+def wait_for_checkpoint_write(proc: subprocess.Popen, run: Path) -> bool:
+    """Poll until a checkpoint is being written (its temporary directory exists)."""
+    while proc.poll() is None:
+        if run.is_dir() and any(p.name.startswith(".tmp-step-") for p in run.iterdir()):
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+def test_sigkill_at_random_points_then_resume_reaches_the_same_weights(tmp_path):
+    """Killed again and again, at random moments and in the middle of checkpoint writes: every
+    checkpoint left behind loads (optimizer state included), the last run resumes from the
+    newest, and ends with the weights, optimizer state and losses of a run never interrupted."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    worker = [sys.executable, str(HERE / "kill_worker.py")]
-    subprocess.run([*worker, str(tmp_path / "a"), "0"], env=env, check=True, capture_output=True,
-                   timeout=300)  # fmt: skip
-    victim = subprocess.Popen([*worker, str(tmp_path / "b"), "0.3"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while (
-        latest_checkpoint(tmp_path / "b") is None
-        or latest_checkpoint(tmp_path / "b").name < "step-000005"
-    ):
-        assert victim.poll() is None and time.time() < deadline, "the run ended before the kill"
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    killed_at = latest_checkpoint(tmp_path / "b").name
-    assert killed_at < "step-000012"
-    for ckpt in checkpoints(tmp_path / "b"):  # every checkpoint left behind is complete
-        load_checkpoint(ckpt, fresh_model())
-    subprocess.run([*worker, str(tmp_path / "b"), "0"], env=env, check=True, capture_output=True,
-                   timeout=300)  # fmt: skip
-    a, b = tmp_path / "a" / "step-000012", tmp_path / "b" / "step-000012"
+    # The uninterrupted run, here: kill_worker.py's model, data and settings, one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        pretrain(fresh_model(), TOKENS, None, config(tmp_path / "a", steps=12, checkpoint_every=1,
+                                                     keep_checkpoints=3), log=quiet)  # fmt: skip
+        duration = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    run, rng, kills = tmp_path / "b", np.random.default_rng(3), []
+    for i in range(3):
+        victim = start_worker(run, 0, env)
+        if i == 1:  # while a checkpoint is being written
+            where = "checkpoint write" if wait_for_checkpoint_write(victim, run) else "ended"
+        else:
+            where = "random"
+            time.sleep(rng.uniform(0, duration))
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate()
+        kills.append((where, victim.returncode))
+        for ckpt in checkpoints(run):  # every checkpoint left behind is complete
+            model = fresh_model()
+            load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()))
+    assert ("checkpoint write", -signal.SIGKILL) in kills, kills
+    last = latest_checkpoint(run)
+    final = start_worker(run, 0, env)
+    out, _ = final.communicate(timeout=300)
+    assert final.returncode == 0
+    if last is not None:  # the last kill may have come after the end
+        assert f"resumed from {last}" in out
+    a, b = tmp_path / "a" / "step-000012", run / "step-000012"
     assert same_weights(
         load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     )
+    assert same_weights(
+        load_file(str(a / "optimizer.safetensors")), load_file(str(b / "optimizer.safetensors"))
+    )
     assert json.loads((a / "state.json").read_text())["losses"] == json.loads(
         (b / "state.json").read_text())["losses"]  # fmt: skip
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
