@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _native
+from .model import native_array
 
 
 def set_num_threads(threads: int | None) -> None:
@@ -30,10 +31,11 @@ class TernaryLinear:
     """One projection y = x W^T with W ternary, packed in our layout, and its own beta."""
 
     def __init__(self, packed: np.ndarray, beta: float, n: int, k: int) -> None:
-        self.packed = np.ascontiguousarray(packed, dtype=np.uint8)  # a memory-mapped view
+        self.packed = native_array(packed, np.uint8)  # a memory-mapped view
         self.beta, self.n, self.k = float(beta), n, k
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x float32[T, K] -> float32[T, N]: per-token int8 x, exact integer dot products."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return _native.bitlinear(x, self.packed, self.beta, self.n, self.k)
+        return _native.bitlinear(
+            native_array(x, np.float32), self.packed, self.beta, self.n, self.k
+        )

@@ -35,12 +35,19 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     return np.float32(1.0) / (np.float32(theta) ** exponent)
 
 
+def native_array(value, dtype=None) -> np.ndarray:
+    """`value` as the native extension takes arrays: C-contiguous, of `dtype`, and aligned to
+    its element size. Zero-copy when it already is; a tensor a file stores at an odd offset
+    (safetensors and GGUF allow it) is copied, since the extension refuses a misaligned one."""
+    return np.require(value, dtype=dtype, requirements=["C", "A"])
+
+
 def _float_matrix(tensors: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, bool]:
     """An embedding/output matrix as stored (zero-copy) and whether it is BF16 bits."""
     value = tensors[name]
     if value.dtype not in (np.float32, np.float16, np.uint16):
         value = np.asarray(value, dtype=np.float32)
-    return np.ascontiguousarray(value), name in FLOAT_MATRICES and value.dtype == np.uint16
+    return native_array(value), name in FLOAT_MATRICES and value.dtype == np.uint16
 
 
 def _mapping_of(array: np.ndarray) -> tuple[mmap.mmap, int] | None:
@@ -117,9 +124,7 @@ class EngineModel:
         )
 
         def vector(name: str) -> np.ndarray | None:
-            return (
-                np.ascontiguousarray(tensors[name], dtype=np.float32) if name in tensors else None
-            )
+            return native_array(tensors[name], np.float32) if name in tensors else None
 
         projections = list(projection_shapes(cfg))
         for i in range(cfg.num_layers):
@@ -130,7 +135,7 @@ class EngineModel:
                 vector(p + "ffn_norm.weight"),
                 vector(p + "attn_sub_norm.weight"),
                 vector(p + "ffn_sub_norm.weight"),
-                [np.ascontiguousarray(tensors[f"{p}{proj}.packed"]) for proj in projections],
+                [native_array(tensors[f"{p}{proj}.packed"], np.uint8) for proj in projections],
                 [
                     float(np.asarray(tensors[f"{p}{proj}.scale"]).reshape(-1)[0])
                     for proj in projections
@@ -176,17 +181,17 @@ class EngineModel:
         """One native call: token t goes into slot slots[t] at positions[t] and attends to that
         slot's positions up to its own; logits float32[len(logits_of), V] of the tokens
         `logits_of`. The caller keeps `cache.lengths` (see `forward` and `decode`)."""
-        tokens = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        tokens = native_array(np.reshape(tokens, -1), np.int32)
         if tokens.size and not 0 <= tokens.min() <= tokens.max() < self.config.vocab_size:
             raise GenerationError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         try:
             return self.native.forward(
                 tokens,
-                np.ascontiguousarray(slots, dtype=np.int32).reshape(-1),
-                np.ascontiguousarray(positions, dtype=np.int32).reshape(-1),
+                native_array(np.reshape(slots, -1), np.int32),
+                native_array(np.reshape(positions, -1), np.int32),
                 cache.k,
                 cache.v,
-                np.ascontiguousarray(logits_of, dtype=np.int64).reshape(-1),
+                native_array(np.reshape(logits_of, -1), np.int64),
             )
         except ValueError as exc:  # context overflow, bad slot: the native checks wrote nothing
             raise GenerationError(str(exc)) from None

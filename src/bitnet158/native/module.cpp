@@ -1,14 +1,19 @@
 // Python bindings of the native kernels: bitnet158._native.
 //
-// Every array argument must already have the right dtype, be C-contiguous and live on the CPU
-// (no silent conversion: a float64 or int32 array is a TypeError, a wrong shape a ValueError).
-// Read-only arrays (memory-mapped weights) are accepted. The GIL is released while computing.
+// Every array argument is taken as it comes (any dtype, any strides) and checked here before
+// C++ touches it: dtype, number of dimensions and C-contiguity (TypeError), shape and alignment
+// (ValueError), each message naming the argument. No silent conversion: a float64 array where
+// float32 belongs is an error, not a copy. Arrays must be on the CPU; read-only arrays
+// (memory-mapped weights) are accepted except for the KV cache, which is written. The GIL is
+// released while computing.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <climits>
+#include <type_traits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,18 +29,16 @@ using namespace bitnet158;
 
 namespace {
 
-template <class T>
-using In2D = nb::ndarray<const T, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
-template <class T>
-using In1D = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+// Array arguments: any dtype and layout, checked by `typed` / `check_layout` below.
+using Arr = nb::ndarray<nb::ro, nb::device::cpu>;
+using ArrRW = nb::ndarray<nb::device::cpu>;  // written by C++: a read-only array is refused
 template <class T>
 using Out = nb::ndarray<nb::numpy, T>;
-// Any dtype, checked by hand (float16 has no C++ type here).
-using AnyRO = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
-using AnyRW = nb::ndarray<nb::c_contig, nb::device::cpu>;
 
 // Limits keep every int32 sum exact: |sum x*(w+1)| <= 2 * 128 * k < 2^31.
 constexpr int64_t kMaxK = int64_t(1) << 22;
+constexpr int64_t kMaxLayers = int64_t(1) << 16;
+constexpr int kMaxThreads = 1024;
 
 template <class T>
 Out<T> new_array(std::initializer_list<size_t> shape, T** data) {
@@ -82,19 +85,18 @@ void check_dims(int64_t n, int64_t k) {
                 .c_str());
 }
 
-void check_packed(const In2D<uint8_t>& packed, int64_t n, int64_t k) {
+void check_packed(const Arr& packed, int64_t n, int64_t k, const char* what) {
     const int64_t groups = (n + kRows - 1) / kRows, kpad = (k + kBlock - 1) / kBlock * kBlock;
     if (int64_t(packed.shape(0)) != groups || int64_t(packed.shape(1)) != kpad)
-        throw nb::value_error(("packed weights for n=" + std::to_string(n) +
-                               ", k=" + std::to_string(k) + " must have shape (" +
+        throw nb::value_error((std::string(what) + " (weights for n=" + std::to_string(n) +
+                               ", k=" + std::to_string(k) + ") must have shape (" +
                                std::to_string(groups) + ", " + std::to_string(kpad) + "), got (" +
                                std::to_string(packed.shape(0)) + ", " +
                                std::to_string(packed.shape(1)) + ")")
                                   .c_str());
 }
 
-template <class T>
-void check_k(const In2D<T>& x, int64_t k, const char* what) {
+void check_k(const Arr& x, int64_t k, const char* what) {
     if (int64_t(x.shape(1)) != k)
         throw nb::value_error((std::string(what) + " has " + std::to_string(x.shape(1)) +
                                " columns, expected k=" + std::to_string(k))
@@ -152,13 +154,96 @@ void check_shape(const nb::ndarray<>& a, std::initializer_list<int64_t> want, co
     }
 }
 
+std::string dtype_str(nb::dlpack::dtype dt) {
+    using nb::dlpack::dtype_code;
+    const char* kind = "unknown";
+    switch (dtype_code(dt.code)) {
+        case dtype_code::Int: kind = "int"; break;
+        case dtype_code::UInt: kind = "uint"; break;
+        case dtype_code::Float: kind = "float"; break;
+        case dtype_code::Bfloat: kind = "bfloat"; break;
+        case dtype_code::Complex: kind = "complex"; break;
+        case dtype_code::Bool: kind = "bool"; break;
+        default: break;
+    }
+    return kind + std::to_string(dt.bits) + (dt.lanes != 1 ? "x" + std::to_string(dt.lanes) : "");
+}
+
+template <class A>
+bool c_contiguous(const A& a) {
+    if (a.size() == 0)  // no elements: nothing is read, whatever the strides say
+        return true;
+    int64_t expected = 1;  // stride of dimension i in elements, if C-contiguous
+    for (size_t i = a.ndim(); i-- > 0;) {
+        if (a.shape(i) != 1 && a.stride(i) != expected)
+            return false;
+        expected *= int64_t(a.shape(i));
+    }
+    return true;
+}
+
+// What every array argument must be, whatever its dtype: `ndim`-D and C-contiguous (else a
+// TypeError: not the kind of array the function takes), its data `align`-byte aligned (else a
+// ValueError: a T* to misaligned memory is undefined behaviour, even where x86 reads it).
+template <class A>
+void check_layout(const A& a, size_t ndim, size_t align, const char* what) {
+    if (a.ndim() != ndim)
+        throw nb::type_error((std::string(what) + " must be " + std::to_string(ndim) +
+                               "-dimensional, got shape " + shape_str(nb::ndarray<>(a)))
+                                  .c_str());
+    if (!c_contiguous(a))
+        throw nb::type_error(
+            (std::string(what) + " must be C-contiguous (a strided view is not: pass "
+                                 "np.ascontiguousarray(...))")
+                .c_str());
+    check_aligned(a, align, what);
+}
+
+template <class T>
+const char* type_name() {
+    if constexpr (std::is_same_v<T, float>)
+        return "float32";
+    else if constexpr (std::is_same_v<T, int8_t>)
+        return "int8";
+    else if constexpr (std::is_same_v<T, uint8_t>)
+        return "uint8";
+    else if constexpr (std::is_same_v<T, uint16_t>)
+        return "uint16";
+    else if constexpr (std::is_same_v<T, int32_t>)
+        return "int32";
+    else
+        return "int64";
+}
+
+// The data of an array argument of element type T, after the checks of check_layout.
+template <class T, class A>
+const T* typed(const A& a, size_t ndim, const char* what, size_t align = alignof(T)) {
+    if (a.dtype() != nb::dtype<T>())
+        throw nb::type_error((std::string(what) + " must be " + type_name<T>() + ", got " +
+                              dtype_str(a.dtype()))
+                                 .c_str());
+    check_layout(a, ndim, align, what);
+    return static_cast<const T*>(a.data());
+}
+
+// An array argument that C++ writes (the KV cache): refused when read-only.
+ArrRW writable(const nb::handle& obj, const char* what) {
+    ArrRW a;
+    if (!nb::try_cast(obj, a, false))
+        throw nb::type_error((std::string(what) +
+                              " must be a writable array on the CPU (not read-only or "
+                              "memory-mapped read-only): the step writes keys and values into it")
+                                 .c_str());
+    return a;
+}
+
 // The weights of a model for the native decoder step (forward.h). The arrays are borrowed,
 // never copied: the object holds a reference to each so that memory-mapped weights outlive it.
 class NativeModel {
 public:
     NativeModel(int64_t hidden, int64_t inter, int64_t heads, int64_t kv_heads, int64_t head_dim,
                 int64_t vocab, int64_t layers, bool relu2, bool subln, bool inner_norm,
-                bool layernorm, double eps, double inner_eps, In1D<float> inv_freq) {
+                bool layernorm, double eps, double inner_eps, Arr inv_freq) {
         ModelShape& sh = w_.shape;
         sh.hidden = hidden;
         sh.inter = inter;
@@ -175,123 +260,153 @@ public:
         sh.inner_eps = float(inner_eps);
         if (hidden < 1 || inter < 1 || heads < 1 || kv_heads < 1 || head_dim < 2 || head_dim % 2 ||
             vocab < 1 || layers < 1 || heads % kv_heads)
-            throw nb::value_error("inconsistent model shape");
-        if (std::max({hidden, inter, heads * head_dim}) > kMaxK)
-            throw nb::value_error("a matrix is wider than the supported maximum");
+            throw nb::value_error(
+                ("inconsistent model shape: hidden=" + std::to_string(hidden) + ", inter=" +
+                 std::to_string(inter) + ", heads=" + std::to_string(heads) + ", kv_heads=" +
+                 std::to_string(kv_heads) + ", head_dim=" + std::to_string(head_dim) +
+                 ", vocab=" + std::to_string(vocab) + ", layers=" + std::to_string(layers))
+                    .c_str());
+        // Each factor bounded first, so that heads * head_dim cannot overflow.
+        if (std::max({hidden, inter, heads, head_dim}) > kMaxK || heads * head_dim > kMaxK)
+            throw nb::value_error(("a matrix is wider than the supported maximum " +
+                                   std::to_string(kMaxK))
+                                      .c_str());
+        if (vocab > INT32_MAX || layers > kMaxLayers)
+            throw nb::value_error(("vocab must fit token ids of int32 and layers be at most " +
+                                   std::to_string(kMaxLayers))
+                                      .c_str());
+        const float* f = typed<float>(inv_freq, 1, "inv_freq");
         check_shape(nb::ndarray<>(inv_freq), {head_dim / 2}, "inv_freq");
-        w_.inv_freq.assign(inv_freq.data(), inv_freq.data() + head_dim / 2);
+        w_.inv_freq.assign(f, f + head_dim / 2);
         w_.layers.resize(size_t(layers));
         set_.assign(size_t(layers), false);
     }
 
-    void set_layer(int64_t i, std::optional<In1D<float>> attn_norm,
-                   std::optional<In1D<float>> ffn_norm, std::optional<In1D<float>> attn_sub_norm,
-                   std::optional<In1D<float>> ffn_sub_norm, std::vector<In2D<uint8_t>> packed,
-                   std::vector<float> betas) {
+    void set_layer(int64_t i, std::optional<Arr> attn_norm, std::optional<Arr> ffn_norm,
+                   std::optional<Arr> attn_sub_norm, std::optional<Arr> ffn_sub_norm,
+                   std::vector<Arr> packed, std::vector<float> betas) {
         const ModelShape& sh = w_.shape;
         if (i < 0 || i >= sh.layers)
-            throw nb::index_error("layer index out of range");
+            throw nb::index_error(("layer index " + std::to_string(i) + " is out of range (0.." +
+                                   std::to_string(sh.layers - 1) + ")")
+                                      .c_str());
         if (packed.size() != 7 || betas.size() != 7)
             throw nb::value_error(
                 "give 7 packed matrices and 7 scales: q, k, v, o, gate, up, down");
-        LayerWeights& L = w_.layers[size_t(i)];
         const int64_t H = sh.hidden, QS = sh.heads * sh.head_dim, KVS = sh.kv_heads * sh.head_dim;
-        auto norm = [&](const std::optional<In1D<float>>& a, int64_t n, bool required,
+        // Everything is checked before anything changes: a refused call leaves the layer as it was.
+        auto norm = [&](const std::optional<Arr>& a, int64_t n, bool required,
                         const char* what) -> const float* {
             if (!a) {
                 if (required)
                     throw nb::value_error((std::string(what) + " is required").c_str());
                 return nullptr;
             }
+            const float* data = typed<float>(*a, 1, what);
             check_shape(nb::ndarray<>(*a), {n}, what);
-            check_aligned(*a, alignof(float), what);
-            keep_.push_back(nb::cast(*a));
-            return a->data();
+            return data;
         };
+        LayerWeights L;
         L.attn_norm = norm(attn_norm, H, false, "attn_norm");
         L.ffn_norm = norm(ffn_norm, H, false, "ffn_norm");
         L.attn_sub_norm = norm(attn_sub_norm, QS, sh.subln, "attn_sub_norm");
         L.ffn_sub_norm = norm(ffn_sub_norm, sh.inter, sh.subln, "ffn_sub_norm");
         const int64_t shapes[7][2] = {{QS, H},       {KVS, H},      {KVS, H},     {H, QS},
                                       {sh.inter, H}, {sh.inter, H}, {H, sh.inter}};
+        const char* names[7] = {"packed q",    "packed k",  "packed v",   "packed o",
+                                "packed gate", "packed up", "packed down"};
         Ternary* dst[7] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
         for (int j = 0; j < 7; ++j) {
             const int64_t n = shapes[j][0], k = shapes[j][1];
-            check_packed(packed[size_t(j)], n, k);
-            keep_.push_back(nb::cast(packed[size_t(j)]));
-            *dst[j] = Ternary{packed[size_t(j)].data(), betas[size_t(j)], n, k};
+            const uint8_t* data = typed<uint8_t>(packed[size_t(j)], 2, names[j]);
+            check_packed(packed[size_t(j)], n, k, names[j]);
+            *dst[j] = Ternary{data, betas[size_t(j)], n, k};
         }
+        for (const auto& a : {attn_norm, ffn_norm, attn_sub_norm, ffn_sub_norm})
+            if (a)
+                keep_.push_back(nb::cast(*a));
+        for (const Arr& a : packed)
+            keep_.push_back(nb::cast(a));
+        w_.layers[size_t(i)] = L;
         set_[size_t(i)] = true;
     }
 
-    void set_embedding(AnyRO embed, bool bf16) {
+    void set_embedding(Arr embed, bool bf16) {
         const ModelShape& sh = w_.shape;
-        w_.embed_dtype = float_dtype(embed, bf16, "embed");
+        const Dtype dtype = float_dtype(embed, bf16, "embed");
+        check_layout(embed, 2, embed.itemsize(), "embed");
         check_shape(nb::ndarray<>(embed), {sh.vocab, sh.hidden}, "embed");
-        check_aligned(embed, embed.itemsize(), "embed");
         keep_.push_back(nb::cast(embed));
+        w_.embed_dtype = dtype;
         w_.embed = embed.data();
     }
 
     // The float output layer (None: the embedding, tied) and the final norm's weight.
-    void set_output(std::optional<In1D<float>> final_norm, std::optional<AnyRO> head, bool bf16) {
+    void set_output(std::optional<Arr> final_norm, std::optional<Arr> head, bool bf16) {
         const ModelShape& sh = w_.shape;
         if (!w_.embed)
             throw nb::value_error("set_embedding first");
-        w_.final_norm = nullptr;
+        const float* norm = nullptr;
         if (final_norm) {
+            norm = typed<float>(*final_norm, 1, "final norm");
             check_shape(nb::ndarray<>(*final_norm), {sh.hidden}, "final norm");
-            keep_.push_back(nb::cast(*final_norm));
-            w_.final_norm = final_norm->data();
         }
-        w_.head = OutputLayer{};
+        OutputLayer out{};
         if (head) {
-            w_.head.dtype = float_dtype(*head, bf16, "lm_head");
+            out.dtype = float_dtype(*head, bf16, "lm_head");
+            check_layout(*head, 2, head->itemsize(), "lm_head");
             check_shape(nb::ndarray<>(*head), {sh.vocab, sh.hidden}, "lm_head");
-            check_aligned(*head, head->itemsize(), "lm_head");
-            keep_.push_back(nb::cast(*head));
-            w_.head.w = head->data();
+            out.w = head->data();
         } else {
-            w_.head.dtype = w_.embed_dtype;
-            w_.head.w = w_.embed;
+            out.dtype = w_.embed_dtype;
+            out.w = w_.embed;
         }
+        // Everything checked: only now change the model.
+        if (final_norm)
+            keep_.push_back(nb::cast(*final_norm));
+        if (head)
+            keep_.push_back(nb::cast(*head));
+        w_.final_norm = norm;
+        w_.head = out;
         head_set_ = true;
     }
 
     // Switch the output layer to int8 rows (quantize_rows_int8's output).
-    void set_output_int8(In2D<int8_t> q, In1D<float> row_scale, In1D<int32_t> row_sum) {
+    void set_output_int8(Arr q, Arr row_scale, Arr row_sum) {
         const ModelShape& sh = w_.shape;
         if (!head_set_)
             throw nb::value_error("set_output first");
         const int64_t kpad = round_up(sh.hidden, 64);
+        const int8_t* qd = typed<int8_t>(q, 2, "int8 lm_head", 64);
+        const float* sd = typed<float>(row_scale, 1, "row_scale");
+        const int32_t* rd = typed<int32_t>(row_sum, 1, "row_sum");
         check_shape(nb::ndarray<>(q), {sh.vocab, kpad}, "int8 lm_head");
         check_shape(nb::ndarray<>(row_scale), {sh.vocab}, "row_scale");
         check_shape(nb::ndarray<>(row_sum), {sh.vocab}, "row_sum");
-        check_aligned(q, 64, "int8 lm_head");
         for (auto o : {nb::cast(q), nb::cast(row_scale), nb::cast(row_sum)})
             keep_.push_back(o);
         w_.head.w_q4 = nullptr;
-        w_.head.w_i8 = q.data();
-        w_.head.row_scale = row_scale.data();
-        w_.head.row_sum = row_sum.data();
+        w_.head.w_i8 = qd;
+        w_.head.row_scale = sd;
+        w_.head.row_sum = rd;
         w_.head.kpad = kpad;
     }
 
     // Switch the output layer to 4-bit groups (quantize_rows_q4's output).
-    void set_output_q4(In2D<uint8_t> nibbles, In2D<uint16_t> d) {
+    void set_output_q4(Arr nibbles, Arr d) {
         const ModelShape& sh = w_.shape;
         if (!head_set_)
             throw nb::value_error("set_output first");
         const int64_t kpad = round_up(sh.hidden, 128);
+        const uint8_t* nd = typed<uint8_t>(nibbles, 2, "4-bit lm_head", 64);
+        const uint16_t* dd = typed<uint16_t>(d, 2, "4-bit lm_head scales");
         check_shape(nb::ndarray<>(nibbles), {sh.vocab, kpad / 2}, "4-bit lm_head");
         check_shape(nb::ndarray<>(d), {sh.vocab, kpad / 32}, "4-bit lm_head scales");
-        check_aligned(nibbles, 64, "4-bit lm_head");
-        check_aligned(d, 2, "4-bit lm_head scales");
         for (auto o : {nb::cast(nibbles), nb::cast(d)})
             keep_.push_back(o);
         w_.head.w_i8 = nullptr;
-        w_.head.w_q4 = nibbles.data();
-        w_.head.d_q4 = d.data();
+        w_.head.w_q4 = nd;
+        w_.head.d_q4 = dd;
         w_.head.kpad = kpad;
     }
 
@@ -307,16 +422,20 @@ public:
         }
     }
 
-    Out<float> forward(In1D<int32_t> tokens, In1D<int32_t> slots, In1D<int32_t> positions,
-                       AnyRW k_cache, AnyRW v_cache, In1D<int64_t> out_rows,
-                       std::optional<std::string> isa) {
+    Out<float> forward(Arr tokens, Arr slots, Arr positions, nb::handle k_arg, nb::handle v_arg,
+                       Arr out_rows, std::optional<std::string> isa) {
         const Isa use = pick_isa(isa);
+        const ArrRW k_cache = writable(k_arg, "k_cache"), v_cache = writable(v_arg, "v_cache");
         const ModelShape& sh = w_.shape;
         for (size_t i = 0; i < set_.size(); ++i)
             if (!set_[i])
                 throw nb::value_error(("layer " + std::to_string(i) + " is not set").c_str());
         if (!head_set_)
             throw nb::value_error("the output layer is not set");
+        const int32_t* tok = typed<int32_t>(tokens, 1, "tokens");
+        const int32_t* slot = typed<int32_t>(slots, 1, "slots");
+        const int32_t* pos = typed<int32_t>(positions, 1, "positions");
+        const int64_t* rows = typed<int64_t>(out_rows, 1, "out_rows");
         const int64_t T = tokens.shape(0), R = out_rows.shape(0);
         if (int64_t(slots.shape(0)) != T || int64_t(positions.shape(0)) != T)
             throw nb::value_error("tokens, slots and positions must have the same length");
@@ -327,29 +446,34 @@ public:
         else if (is_dtype(k_cache.dtype(), dtype_code::Float, 16))
             cache.dtype = Dtype::f16;
         else
-            throw nb::type_error("the KV cache must be float32 or float16");
-        if (k_cache.dtype() != v_cache.dtype())
-            throw nb::type_error("keys and values of the KV cache must have the same dtype");
-        if (k_cache.ndim() != 5)
-            throw nb::value_error(
-                "the KV cache must have shape (slots, layers, kv_heads, max_context, head_dim)");
+            throw nb::type_error(
+                ("k_cache must be float32 or float16, got " + dtype_str(k_cache.dtype())).c_str());
+        if (v_cache.dtype() != k_cache.dtype())
+            throw nb::type_error(("v_cache must have the same dtype as k_cache (" +
+                                  dtype_str(k_cache.dtype()) + "), got " +
+                                  dtype_str(v_cache.dtype()))
+                                     .c_str());
+        check_layout(k_cache, 5, 64, "k_cache");
+        check_layout(v_cache, 5, 64, "v_cache");
         cache.slots = k_cache.shape(0);
         cache.max_ctx = k_cache.shape(3);
-        for (const AnyRW* a : {&k_cache, &v_cache}) {
-            check_shape(nb::ndarray<>(*a),
-                        {cache.slots, sh.layers, sh.kv_heads, cache.max_ctx, sh.head_dim},
-                        "KV cache");
-            check_aligned(*a, 64, "KV cache");
-        }
+        const int64_t want[5] = {cache.slots, sh.layers, sh.kv_heads, cache.max_ctx, sh.head_dim};
+        for (const ArrRW* a : {&k_cache, &v_cache})
+            check_shape(nb::ndarray<>(*a), {want[0], want[1], want[2], want[3], want[4]},
+                        a == &k_cache ? "k_cache" : "v_cache");
+        const auto* kb = static_cast<const uint8_t*>(k_cache.data());
+        const auto* vb = static_cast<const uint8_t*>(v_cache.data());
+        const size_t bytes = k_cache.nbytes();
+        if (bytes && kb < vb + bytes && vb < kb + bytes)
+            throw nb::value_error("k_cache and v_cache must not share memory");
         cache.k = k_cache.data();
         cache.v = v_cache.data();
-        check_step(sh, tokens.data(), slots.data(), positions.data(), T, cache, out_rows.data(), R);
+        check_step(sh, tok, slot, pos, T, cache, rows, R);
         float* logits;
         auto arr = new_array<float>({size_t(R), size_t(sh.vocab)}, &logits);
         {
             nb::gil_scoped_release release;
-            bitnet158::forward(w_, tokens.data(), slots.data(), positions.data(), T, cache,
-                               out_rows.data(), R, logits, use);
+            bitnet158::forward(w_, tok, slot, pos, T, cache, rows, R, logits, use);
         }
         return arr;
     }
@@ -378,14 +502,23 @@ NB_MODULE(_native, m) {
             return out;
         },
         "The instruction sets this CPU can run, from CPUID.");
-    m.def("set_num_threads", &set_num_threads, "n"_a,
-          "Use n >= 1 threads in every kernel (default: the CPUs this process may run on).");
+    m.def(
+        "set_num_threads",
+        [](int n) {
+            if (n < 1 || n > kMaxThreads)
+                throw nb::value_error(("number of threads must be in 1.." +
+                                       std::to_string(kMaxThreads) + ", got " + std::to_string(n))
+                                          .c_str());
+            set_num_threads(n);
+        },
+        "n"_a, "Use n threads in every kernel (default: the CPUs this process may run on).");
     m.def("get_num_threads", &num_threads, "The number of threads the kernels use.");
 
     m.def(
         "quantize_activations",
-        [](In2D<float> x, std::optional<std::string> isa) {
+        [](Arr x, std::optional<std::string> isa) {
             const Isa use = pick_isa(isa);
+            const float* xd = typed<float>(x, 2, "x");
             const int64_t T = x.shape(0), k = x.shape(1);
             int8_t* q;
             float* s;
@@ -393,7 +526,7 @@ NB_MODULE(_native, m) {
             auto s_arr = new_array<float>({size_t(T)}, &s);
             {
                 nb::gil_scoped_release release;
-                quantize_activations(x.data(), T, k, q, s, use);
+                quantize_activations(xd, T, k, q, s, use);
             }
             return nb::make_tuple(q_arr, s_arr);
         },
@@ -403,18 +536,19 @@ NB_MODULE(_native, m) {
 
     m.def(
         "ternary_gemm_i32",
-        [](In2D<int8_t> x_q, In2D<uint8_t> packed, int64_t n, int64_t k,
-           std::optional<std::string> isa) {
+        [](Arr x_q, Arr packed, int64_t n, int64_t k, std::optional<std::string> isa) {
             const Isa use = pick_isa(isa);
+            const int8_t* xd = typed<int8_t>(x_q, 2, "x_q");
+            const uint8_t* wd = typed<uint8_t>(packed, 2, "packed");
             check_dims(n, k);
             check_k(x_q, k, "x_q");
-            check_packed(packed, n, k);
+            check_packed(packed, n, k, "packed");
             const int64_t T = x_q.shape(0);
             int32_t* out;
             auto arr = new_array<int32_t>({size_t(T), size_t(n)}, &out);
             {
                 nb::gil_scoped_release release;
-                ternary_gemm_i32(x_q.data(), T, k, packed.data(), n, out, use);
+                ternary_gemm_i32(xd, T, k, wd, n, out, use);
             }
             return arr;
         },
@@ -424,18 +558,19 @@ NB_MODULE(_native, m) {
 
     m.def(
         "bitlinear",
-        [](In2D<float> x, In2D<uint8_t> packed, double beta, int64_t n, int64_t k,
-           std::optional<std::string> isa) {
+        [](Arr x, Arr packed, double beta, int64_t n, int64_t k, std::optional<std::string> isa) {
             const Isa use = pick_isa(isa);
+            const float* xd = typed<float>(x, 2, "x");
+            const uint8_t* wd = typed<uint8_t>(packed, 2, "packed");
             check_dims(n, k);
             check_k(x, k, "x");
-            check_packed(packed, n, k);
+            check_packed(packed, n, k, "packed");
             const int64_t T = x.shape(0);
             float* y;
             auto arr = new_array<float>({size_t(T), size_t(n)}, &y);
             {
                 nb::gil_scoped_release release;
-                bitlinear(x.data(), T, k, packed.data(), static_cast<float>(beta), n, y, use);
+                bitlinear(xd, T, k, wd, static_cast<float>(beta), n, y, use);
             }
             return arr;
         },
@@ -445,12 +580,10 @@ NB_MODULE(_native, m) {
 
     m.def(
         "quantize_rows_int8",
-        [](AnyRO w, bool bf16, std::optional<std::string> isa) {
+        [](Arr w, bool bf16, std::optional<std::string> isa) {
             const Isa use = pick_isa(isa);
             const Dtype dt = float_dtype(w, bf16, "w");
-            if (w.ndim() != 2)
-                throw nb::value_error("w must be 2-D [rows, k]");
-            check_aligned(w, w.itemsize(), "w");
+            check_layout(w, 2, w.itemsize(), "w");
             const int64_t rows = w.shape(0), k = w.shape(1),
                           kpad = round_up(std::max<int64_t>(k, 1), 64);
             int8_t* q;
@@ -472,11 +605,9 @@ NB_MODULE(_native, m) {
 
     m.def(
         "quantize_rows_q4",
-        [](AnyRO w, bool bf16) {
+        [](Arr w, bool bf16) {
             const Dtype dt = float_dtype(w, bf16, "w");
-            if (w.ndim() != 2)
-                throw nb::value_error("w must be 2-D [rows, k]");
-            check_aligned(w, w.itemsize(), "w");
+            check_layout(w, 2, w.itemsize(), "w");
             const int64_t rows = w.shape(0), k = w.shape(1),
                           kpad = round_up(std::max<int64_t>(k, 1), 128);
             uint8_t* nib;
@@ -497,7 +628,7 @@ NB_MODULE(_native, m) {
     nb::class_<NativeModel>(m, "Model",
                             "Weights of a model for the native decoder step (borrowed arrays).")
         .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool,
-                      bool, bool, double, double, In1D<float>>(),
+                      bool, bool, double, double, Arr>(),
              "hidden"_a, "inter"_a, "heads"_a, "kv_heads"_a, "head_dim"_a, "vocab"_a, "layers"_a,
              "relu2"_a, "subln"_a, "inner_norm"_a, "layernorm"_a, "eps"_a, "inner_eps"_a,
              "inv_freq"_a.noconvert())
@@ -517,7 +648,7 @@ NB_MODULE(_native, m) {
         .def_prop_ro("head_kind", &NativeModel::head_kind,
                      "The output layer in use: float32, float16, bfloat16, int8 or q4.")
         .def("forward", &NativeModel::forward, "tokens"_a.noconvert(), "slots"_a.noconvert(),
-             "positions"_a.noconvert(), "k_cache"_a.noconvert(), "v_cache"_a.noconvert(),
+             "positions"_a.noconvert(), "k_cache"_a, "v_cache"_a,
              "out_rows"_a.noconvert(), "isa"_a = nb::none(),
              "Run tokens int32[T] (sequence slots[T], positions[T]) through every layer, writing "
              "their keys/values into the caches [slots, layers, kv_heads, max_context, head_dim] "
@@ -527,8 +658,8 @@ NB_MODULE(_native, m) {
 
     m.def(
         "read_bytes",
-        [](In1D<uint8_t> buf) {
-            const uint8_t* p = buf.data();
+        [](Arr buf) {
+            const uint8_t* p = typed<uint8_t>(buf, 1, "buf");
             const int64_t n = buf.shape(0);
             nb::gil_scoped_release release;
             return read_bytes(p, n);
