@@ -51,7 +51,7 @@ def test_isa_reporting():
 def test_gemm_and_bitlinear_bit_exact(n, k):
     codes, packed = weights(n, k)
     _native.set_num_threads(2)
-    for t in (1, 7, 16):
+    for t in (1, 2, 7, 16):  # every tile shape: 1, 2, 3 (7 = 4 + 3) and 4 tokens
         x = activations(t, k, seed=t)
         x_q, _ = quant.quantize_activations(x)
         expected = exact_matmul(x_q, codes)
