@@ -60,3 +60,28 @@ def test_ternary_linear_reference_matches_dequantized_float_math():
     expected = (x_q.astype(np.float64) / s[:, None]) @ (codes.astype(np.float64) * beta).T
     got = quant.ternary_linear_reference(x, codes, beta)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_weights_have_no_scale():
+    for bad in (np.nan, np.inf, -np.inf):
+        w = np.ones((3, 4), np.float32)
+        w[1, 2] = bad
+        with pytest.raises(ValueError, match="1 of 12 weights are NaN or infinite"):
+            quant.quantize_weights(w)
+
+
+def test_non_finite_activations_hand_computed():
+    """The definition the native kernels share: NaN ignored by the absmax and stored as -128,
+    an inf makes the row's scale 0 (finite values -> 0, the inf -> -128)."""
+    nan, inf = np.float32(np.nan), np.float32(np.inf)
+    x = np.array(
+        [[1.0, nan, -2.0, 0.5], [inf, 1.0, -1.0, 0.0], [nan, nan, nan, nan], [-inf, 2, 0, 0]],
+        dtype=np.float32,
+    )
+    x_q, s = quant.quantize_activations(x)
+    floor = np.float32(1 / np.float32(1e-5)) * np.float32(127)
+    assert s.tolist() == [np.float32(63.5), 0.0, floor, 0.0]
+    assert x_q.tolist() == [[64, -128, -127, 32], [-128, 0, 0, 0], [-128] * 4, [-128, 0, 0, 0]]
+    y = quant.ternary_linear_reference(x, np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.int8), 0.5)
+    # an inf row divides by s = 0: -128/0 = -inf, 0/0 = NaN
+    assert y[1, 0] == -np.inf and np.isnan(y[1, 1]) and np.isfinite(y[[0, 2]]).all()

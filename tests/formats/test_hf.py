@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hf_builders import (
     OLMO,
+    _random_bitnet,
     assert_logits_match,
     config_json,
     corrupt,
@@ -306,3 +307,23 @@ def test_unsupported_configs(tmp_path, llama_bitlinear):
         config_from_hf({**cj, "clip_qkv": 8.0})
     with pytest.raises(FormatError, match="'hidden_size' is missing"):
         config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 10})
+
+
+def test_non_finite_latent_weights_are_a_format_error(tmp_path):
+    """Latent weights with NaN or inf have no absmean scale: the tensor is named, not loaded."""
+    import torch
+
+    model = _random_bitnet(1)  # the -bf16 twin's layout, as make_bitnet_bf16 writes it
+    tensors = {k: v.bfloat16() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    name = "model.layers.1.mlp.up_proj.weight"
+    for bad in (float("nan"), float("inf")):
+        tensors[name][3, 5] = bad
+        save_checkpoint(tmp_path / "c", tensors, config_json(model.config, "BitNetForCausalLM"))
+        with pytest.raises(FormatError, match=rf"tensor {re.escape(name)}: 1 of \d+ weights are"):
+            load_hf_checkpoint(tmp_path / "c")
+    # every weight +-inf: not taken for a dequantized ternary matrix of scale inf either
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    tensors[name][::2] = -tensors[name][::2]
+    save_checkpoint(tmp_path / "c", tensors, config_json(model.config, "BitNetForCausalLM"))
+    with pytest.raises(FormatError, match=rf"tensor {re.escape(name)}: \d+ of \d+ weights"):
+        load_hf_checkpoint(tmp_path / "c")

@@ -65,7 +65,17 @@ def sample(
     penalty: float = 1.0,
     previous: Iterable[int] = (),
 ) -> int:
-    """Pick the next token id from logits float32[V]; temperature 0 is greedy."""
+    """Pick the next token id from logits float32[V]; temperature 0 is greedy.
+
+    Logits that are NaN or infinite (a model with corrupt weights, an overflow) are an error,
+    not a token: argmax would pick the first NaN and the sampling distribution would be NaN.
+    """
+    bad = logits.size - np.count_nonzero(np.isfinite(logits))
+    if bad:
+        raise GenerationError(
+            f"the model produced {bad} non-finite logits (NaN or inf) of {logits.size}: its "
+            "weights are probably corrupt"
+        )
     logits = repetition_penalty(logits, previous, penalty)
     if temperature == 0:
         return int(np.argmax(logits))

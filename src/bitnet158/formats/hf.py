@@ -442,7 +442,8 @@ def _canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _exact_ternary(w: np.ndarray) -> np.float32 | None:
     """a if every value of W is in {-a, 0, a} (a dequantized ternary matrix), else None."""
     a = np.float32(np.abs(w).max()) if w.size else np.float32(0)
-    return a if a > 0 and bool(np.all((w == 0) | (np.abs(w) == a))) else None
+    exact = a > 0 and np.isfinite(a) and bool(np.all((w == 0) | (np.abs(w) == a)))
+    return a if exact else None
 
 
 class _Reader:
@@ -504,7 +505,10 @@ class _Reader:
                 "`bitnet158 quantize`, or pass latent=True for latent BitNet weights such as "
                 "Falcon-E's `prequantized` revision)"
             )
-        return quantize_weights(w)  # latent (master) weights, quantized as in their forward
+        try:  # latent (master) weights, quantized as in their forward
+            return quantize_weights(w)
+        except ValueError as exc:  # NaN or inf: a corrupt file
+            raise FormatError(f"{e.file}: tensor {stored}: {exc}") from None
 
     def _stored_scale(self, prefix: str) -> np.float32:
         stored, e = self._get(prefix + ".weight_scale", "float [1]")
