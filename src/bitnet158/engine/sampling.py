@@ -42,18 +42,40 @@ def probabilities(
     logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None
 ) -> np.ndarray:
     """Sampling distribution float64[V] after temperature, top-k and top-p (temperature > 0)."""
-    z = logits.astype(np.float64) / temperature
+    # exp in float32 (SIMD in numpy; float64's took 1.3 ms per 128k-token vocabulary), the
+    # normalization and the sums in float64
+    z = np.asarray(logits, dtype=np.float32) / np.float32(temperature)
     if top_k is not None and top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z[z < kth] = -np.inf
-    p = np.exp(z - z.max())
+    p = np.exp(z - z.max()).astype(np.float64)
     p /= p.sum()
     if top_p is not None and top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        mass_before = np.cumsum(p[order]) - p[order]
-        p[order[mass_before >= top_p]] = 0.0  # keep the smallest top set reaching top_p
-        p /= p.sum()
+        kept = np.zeros_like(p)
+        nucleus = _nucleus(p, top_p)
+        kept[nucleus] = p[nucleus]
+        p = kept / kept.sum()
     return p
+
+
+def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """Ids of the smallest most likely set of `p` whose mass reaches top_p.
+
+    The same set as a stable descending sort of the whole vocabulary followed by a cumulative
+    sum (ties by lower id first), but only a head of that order is sorted: the ids with p at
+    least a floor, the floor lowered 10x until the set is inside the head (a 128k-token
+    vocabulary's full sort took 20 ms per token; a peaked distribution needs one small head).
+    """
+    for floor in (1e-3, 1e-4, 1e-5, 1e-6, 0.0):
+        head = np.flatnonzero(p >= floor) if floor else np.arange(p.size)
+        if floor and p[head].sum() < top_p * (1 - 1e-9):
+            continue  # cannot hold the nucleus: skip the sort
+        head = head[np.argsort(-p[head], kind="stable")]
+        mass_before = np.cumsum(p[head]) - p[head]
+        removed = mass_before >= top_p
+        if not floor or removed[-1]:  # ids past the head have even more mass before them
+            return head[~removed]
+    raise AssertionError("unreachable: the last floor takes every id")
 
 
 def sample(
