@@ -106,3 +106,20 @@ def test_bad_parameters_are_rejected(kwargs):
     params = dict(temperature=1.0, top_k=None, top_p=None, penalty=1.0) | kwargs
     with pytest.raises(GenerationError):
         check_params(**params)
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])  # flat, a 128k vocabulary's usual, peaked
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_on_a_large_vocabulary_matches_a_full_sort(scale, top_p):
+    """The nucleus sorts only a head of the distribution: the kept set and its probabilities
+    must be those of a stable descending sort of all 128256 ids (ties by lower id first)."""
+    rng = np.random.default_rng(int(scale * 10) + int(top_p * 1000))
+    logits = (rng.standard_normal(128256) * scale).astype(np.float32)
+    logits[::3] = np.round(logits[::3])  # many exact ties
+    p = probabilities(logits, 0.7)  # temperature only: the reference starts from it
+    order = np.argsort(-p, kind="stable")
+    mass_before = np.cumsum(p[order]) - p[order]
+    want = p.copy()
+    want[order[mass_before >= top_p]] = 0.0
+    want /= want.sum()
+    np.testing.assert_array_equal(probabilities(logits, 0.7, top_p=top_p), want)
