@@ -80,22 +80,25 @@ def test_q4_layout_round_trips():
 
 
 def test_batched_decode_equals_one_sequence_at_a_time(tiny_path):
+    """Exact: rows never mix, and every output-layer tile (4 tokens, then 1) sums a row in the
+    order of a single-token decode."""
     engine = bitnet158.load(tiny_path).engine
-    prompts = [IDS[:5], IDS[3:12], IDS[7:9]]
-    batch = engine.new_cache(32, slots=3)
+    prompts = [IDS[:5], IDS[3:12], IDS[7:9], IDS[1:4], IDS[10:16]]
+    order = [2, 0, 4, 1, 3]
+    batch = engine.new_cache(32, slots=len(prompts))
     singles = [engine.new_cache(32) for _ in prompts]
     for slot, (prompt, single) in enumerate(zip(prompts, singles, strict=True)):
         np.testing.assert_array_equal(
             engine.forward(prompt, batch, last_only=True, slot=slot),
             engine.forward(prompt, single, last_only=True),
         )
-    tokens = [11, 12, 13]
+    tokens = [11, 12, 13, 14, 15]
     for _ in range(4):
-        got = engine.decode(tokens, batch, slots=[2, 0, 1])
-        want = [engine.forward(np.array([t]), singles[s])[0] for t, s in zip(tokens, [2, 0, 1], strict=True)]  # fmt: skip
-        np.testing.assert_array_equal(got, np.stack(want))  # exact: rows never mix
+        got = engine.decode(tokens, batch, slots=order)
+        want = [engine.forward(np.array([t]), singles[s])[0] for t, s in zip(tokens, order, strict=True)]  # fmt: skip
+        np.testing.assert_array_equal(got, np.stack(want))
         tokens = [int(r.argmax()) for r in got]
-    assert batch.lengths.tolist() == [9, 13, 6]
+    assert batch.lengths.tolist() == [len(p) + 4 for p in prompts]
 
 
 def test_threads_do_not_change_logits(tiny_path):

@@ -427,8 +427,9 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
 
 // NR rows x NT tokens of the output layer: each weight vector is converted once for NT tokens
 // and each activation vector loaded once for NR rows (batched decode reads every row for many
-// sequences). Every (row, token) dot keeps the single-pair order of the scalar twin: lanes of
-// even 16-chunks in a0, odd ones in a1, the masked tail in a0, then reduce(a0 + a1).
+// sequences). Every (row, token) dot has the same order whatever the tile: one 16-lane
+// accumulator over the 16-chunks of k, the masked tail last, then the lane reduction; so a
+// sequence's logits do not depend on the batch it was decoded in.
 template <int NR, int NT>
 BITNET158_AVX512 static inline void float_tile(const float* h, int64_t k, const void* w, Dtype wt,
                                                int64_t r, int64_t t0, float* out, int64_t ldo) {
@@ -436,54 +437,110 @@ BITNET158_AVX512 static inline void float_tile(const float* h, int64_t k, const 
     const void* row[NR];
     for (int i = 0; i < NR; ++i)
         row[i] = static_cast<const char*>(w) + (r + i) * k * es;
-    __m512 a0[NR][NT], a1[NR][NT];
+    __m512 acc[NR][NT];
     for (int i = 0; i < NR; ++i)
         for (int t = 0; t < NT; ++t)
-            a0[i][t] = a1[i][t] = _mm512_setzero_ps();
+            acc[i][t] = _mm512_setzero_ps();
     int64_t c = 0;
-    for (; c + 32 <= k; c += 32) {
-        __m512 w0[NR], w1[NR];
-        for (int i = 0; i < NR; ++i) {
-            w0[i] = load16(row[i], wt, c);
-            w1[i] = load16(row[i], wt, c + 16);
-        }
+    for (; c + 16 <= k; c += 16) {
+        __m512 wv[NR];
+        for (int i = 0; i < NR; ++i)
+            wv[i] = load16(row[i], wt, c);
         for (int t = 0; t < NT; ++t) {
-            const float* x = h + (t0 + t) * k + c;
-            const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
-            for (int i = 0; i < NR; ++i) {
-                a0[i][t] = _mm512_fmadd_ps(x0, w0[i], a0[i][t]);
-                a1[i][t] = _mm512_fmadd_ps(x1, w1[i], a1[i][t]);
-            }
+            const __m512 x = _mm512_loadu_ps(h + (t0 + t) * k + c);
+            for (int i = 0; i < NR; ++i)
+                acc[i][t] = _mm512_fmadd_ps(x, wv[i], acc[i][t]);
         }
     }
-    for (; c < k; c += 16) {
-        const int64_t m = k - c < 16 ? k - c : 16;
-        const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+    if (c < k) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << (k - c)) - 1);
         for (int i = 0; i < NR; ++i) {
-            const __m512 wv = load16_tail(row[i], wt, c, c + m);
+            const __m512 wv = load16_tail(row[i], wt, c, k);
             for (int t = 0; t < NT; ++t)
-                a0[i][t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, h + (t0 + t) * k + c), wv,
-                                           a0[i][t]);
+                acc[i][t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, h + (t0 + t) * k + c), wv,
+                                            acc[i][t]);
         }
     }
     for (int i = 0; i < NR; ++i)
         for (int t = 0; t < NT; ++t)
-            out[(t0 + t) * ldo + r + i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i][t], a1[i][t]));
+            out[(t0 + t) * ldo + r + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
+
+// float_tile<4, 4> with named accumulators (GCC spilled the array of 16 to the stack).
+#define BITNET158_FMA4(t, xp)                                      \
+    {                                                              \
+        const __m512 x = _mm512_loadu_ps(xp);                      \
+        a0##t = _mm512_fmadd_ps(x, w0, a0##t);                     \
+        a1##t = _mm512_fmadd_ps(x, w1, a1##t);                     \
+        a2##t = _mm512_fmadd_ps(x, w2, a2##t);                     \
+        a3##t = _mm512_fmadd_ps(x, w3, a3##t);                     \
+    }
+#define BITNET158_FMA4_TAIL(t, xp)                                 \
+    {                                                              \
+        const __m512 x = _mm512_maskz_loadu_ps(mask, xp);          \
+        a0##t = _mm512_fmadd_ps(x, w0, a0##t);                     \
+        a1##t = _mm512_fmadd_ps(x, w1, a1##t);                     \
+        a2##t = _mm512_fmadd_ps(x, w2, a2##t);                     \
+        a3##t = _mm512_fmadd_ps(x, w3, a3##t);                     \
+    }
+BITNET158_AVX512 static inline void float_tile44(const float* h, int64_t k, const void* w,
+                                                 Dtype wt, int64_t r, int64_t t0, float* out,
+                                                 int64_t ldo) {
+    const int64_t es = wt == Dtype::f32 ? 4 : 2;
+    const char* r0 = static_cast<const char*>(w) + r * k * es;
+    const char *r1 = r0 + k * es, *r2 = r1 + k * es, *r3 = r2 + k * es;
+    const float *h0 = h + t0 * k, *h1 = h0 + k, *h2 = h1 + k, *h3 = h2 + k;
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m512 a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    __m512 a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) {
+        const __m512 w0 = load16(r0, wt, c), w1 = load16(r1, wt, c);
+        const __m512 w2 = load16(r2, wt, c), w3 = load16(r3, wt, c);
+        BITNET158_FMA4(0, h0 + c)
+        BITNET158_FMA4(1, h1 + c)
+        BITNET158_FMA4(2, h2 + c)
+        BITNET158_FMA4(3, h3 + c)
+    }
+    if (c < k) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << (k - c)) - 1);
+        const __m512 w0 = load16_tail(r0, wt, c, k), w1 = load16_tail(r1, wt, c, k);
+        const __m512 w2 = load16_tail(r2, wt, c, k), w3 = load16_tail(r3, wt, c, k);
+        BITNET158_FMA4_TAIL(0, h0 + c)
+        BITNET158_FMA4_TAIL(1, h1 + c)
+        BITNET158_FMA4_TAIL(2, h2 + c)
+        BITNET158_FMA4_TAIL(3, h3 + c)
+    }
+    float* o = out + t0 * ldo + r;
+    const __m512 rows[4][4] = {{a00, a10, a20, a30}, {a01, a11, a21, a31},
+                               {a02, a12, a22, a32}, {a03, a13, a23, a33}};
+    for (int t = 0; t < 4; ++t)
+        for (int i = 0; i < 4; ++i)
+            o[t * ldo + i] = _mm512_reduce_add_ps(rows[t][i]);
+}
+#undef BITNET158_FMA4
+#undef BITNET158_FMA4_TAIL
 
 template <int NR>
 BITNET158_AVX512 static inline void float_tiles(const float* h, int64_t T, int64_t k,
                                                 const void* w, Dtype wt, int64_t r, float* out,
                                                 int64_t ldo) {
     int64_t t0 = 0;
-    for (; t0 + 2 <= T; t0 += 2)
-        float_tile<NR, 2>(h, k, w, wt, r, t0, out, ldo);
-    if (t0 < T)
-        float_tile<NR, 1>(h, k, w, wt, r, t0, out, ldo);
+    for (; t0 + 4 <= T; t0 += 4)
+        if constexpr (NR == 4)
+            float_tile44(h, k, w, wt, r, t0, out, ldo);
+        else
+            float_tile<NR, 4>(h, k, w, wt, r, t0, out, ldo);
+    switch (T - t0) {
+        case 1: float_tile<NR, 1>(h, k, w, wt, r, t0, out, ldo); break;
+        case 2: float_tile<NR, 2>(h, k, w, wt, r, t0, out, ldo); break;
+        case 3: float_tile<NR, 3>(h, k, w, wt, r, t0, out, ldo); break;
+        default: break;
+    }
 }
 
-// Decode (T = 1) streams one row at a time; batches take 4 rows x 2 tokens (16 accumulators of
-// the 32 registers; the two activation rows stay in L1 while the weight rows stream through).
+// Rows in fours (four independent FMA chains even for one token), 4 rows x 4 tokens per tile in
+// batches: 16 accumulators, 4 conversions and 4 activation loads per 16 FMAs.
 BITNET158_AVX512 void float_rows_avx512(const float* h, int64_t T, int64_t k, const void* w,
                                         Dtype wt, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     int64_t r = r0;
