@@ -225,8 +225,9 @@ BITNET158_AVX512 void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum
     int32_t dots[kMaxTileTokens][kRows];
     for (int64_t gb = g0; gb < g1; gb += block) {
         const int64_t ge = gb + block < g1 ? gb + block : g1;
-        for (int64_t t0 = 0; t0 < T; t0 += kMaxTileTokens) {
-            const int64_t nt = T - t0 < kMaxTileTokens ? T - t0 : kMaxTileTokens;
+        for (int64_t t0 = 0, nt = 0; t0 < T; t0 += nt) {
+            // tiles of 3 tokens (activations in registers) where they fit, 4 when 4 are left
+            nt = T - t0 == 4 ? 4 : T - t0 >= 3 ? 3 : T - t0;
             const int8_t* x = x_q + t0 * kpad;
             for (int64_t g = gb; g < ge; ++g) {
                 const uint8_t* group = packed + g * kpad;
