@@ -64,6 +64,21 @@ run: install
 test: install-test
 	$(PY) -m pytest -q tests
 
+# The native extension under AddressSanitizer + UBSan + LeakSanitizer (a few minutes; `make test`
+# runs a shorter check): tests/native/test_sanitizers.py builds it into build/asan and runs the
+# kernel, forward-pass and generation suites in one process with it in place of the installed one.
+ASAN_SUITES := tests/native/test_kernels.py tests/engine/test_native_step.py \
+	tests/engine/test_engine_model.py tests/engine/test_edge_cases.py tests/engine/test_generate.py
+.PHONY: test-asan soak
+test-asan: install-test
+	$(PY) -m pytest -q tests/native/test_sanitizers.py
+	$(PY) tests/native/test_sanitizers.py -q $(ASAN_SUITES)
+
+# The server soak (RELIABILITY.md): 2,000 mixed, dropped and malformed requests from 32 clients
+# against `bitnet158 serve`; `make test` runs 300 from 16 (tests/serve/test_soak.py).
+soak: install-test
+	$(PY) scripts/soak_serve.py --requests 2000 --clients 32 --json build/soak.json
+
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 

@@ -580,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = {**asdict(report), "faults_injected": report.faults_injected,
                 "passed": report.passed}  # fmt: skip
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     print("PASSED" if report.passed else "FAILED")
     return 0 if report.passed else 1

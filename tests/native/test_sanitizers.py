@@ -1,10 +1,15 @@
-"""The native extension under AddressSanitizer + UBSan: every kernel on every ISA this CPU runs,
-odd shapes, threads, the whole decoder step of two model variants, and bad inputs, with no
-sanitizer report.
+"""The native extension under AddressSanitizer + UBSan (+ LeakSanitizer): every kernel on every
+ISA this CPU runs, odd shapes, threads, the whole decoder step of two model variants (prefill,
+batched steps over several cache slots, float16/int8/4-bit output layers, context overflow and
+other refused steps), and bad inputs, with no sanitizer report.
 
 The extension is built with -DBITNET158_SANITIZE=ON into build/asan (incremental after the first
 run) and loaded by file path in a subprocess that preloads libasan, so the installed extension and
 the package import machinery are not involved.
+
+`make test-asan` also runs this file as a script: `python tests/native/test_sanitizers.py
+PYTEST_ARGS...` runs those pytest files in one sanitized process, the package's `_native` replaced
+by the sanitized build (the kernel, forward-pass and generation suites).
 """
 
 import fcntl
@@ -105,9 +110,11 @@ SCRIPT = textwrap.dedent(
         embed = (0.5 * rng.standard_normal((V, H))).astype(np.float16)
         model.set_embedding(embed, False)
         model.set_output(w(H), None, False)
-        for head in ("float16", "int8"):
+        for head in ("float16", "int8", "q4"):
             if head == "int8":
                 model.set_output_int8(*native.quantize_rows_int8(embed))
+            elif head == "q4":
+                model.set_output_q4(*native.quantize_rows_q4(embed))
             assert model.head_kind == head
             for isa in native.available_isas():
                 for threads in (1, 2):
@@ -116,18 +123,43 @@ SCRIPT = textwrap.dedent(
                         k = aligned_zeros((2, L, KVH, CTX, D), dtype)
                         v = aligned_zeros((2, L, KVH, CTX, D), dtype)
                         rows = np.arange(CTX, dtype=np.int64)
-                        out = model.forward(i32(*range(1, CTX + 1)), i32(*[0] * CTX),
-                                            i32(*range(CTX)), k, v, rows, isa=isa)
+                        out = model.forward(i32(*range(1, CTX)), i32(*[0] * (CTX - 1)),
+                                            i32(*range(CTX - 1)), k, v, rows[:-1], isa=isa)
                         out2 = model.forward(i32(3, 4), i32(1, 1), i32(0, 1), k, v,
                                              np.array([1], np.int64), isa=isa)
-                        assert out.shape == (CTX, V) and out2.shape == (1, V)
+                        assert out.shape == (CTX - 1, V) and out2.shape == (1, V)
                         assert np.isfinite(out).all() and np.isfinite(out2).all()
-                        try:
-                            model.forward(i32(5), i32(0), i32(CTX), k, v, rows[:1], isa=isa)
-                        except ValueError:
-                            pass
-                        else:
-                            raise AssertionError("context overflow accepted")
+                        # batched steps: a prompt chunk of slot 1 beside a decode in slot 0 (its
+                        # last free position), then slot 1 filled up to CTX
+                        out3 = model.forward(i32(7, 8, 9, 10), i32(0, 1, 1, 1),
+                                             i32(CTX - 1, 2, 3, 4), k, v,
+                                             np.array([0, 3], np.int64), isa=isa)
+                        out4 = model.forward(i32(11, 12, 13), i32(1, 1, 1), i32(5, 6, 7), k, v,
+                                             np.array([0, 1, 2], np.int64), isa=isa)
+                        assert out3.shape == (2, V) and out4.shape == (3, V)
+                        assert np.isfinite(out3).all() and np.isfinite(out4).all()
+                        refused = [  # overflow, slot, position, lengths, rows: nothing written
+                            (i32(5), i32(0), i32(CTX), rows[:1]),
+                            (i32(5, 6), i32(1, 0), i32(CTX, 0), rows[:1]),
+                            (i32(5), i32(2), i32(0), rows[:1]),
+                            (i32(5), i32(-1), i32(0), rows[:1]),
+                            (i32(5), i32(0), i32(-3), rows[:1]),
+                            (i32(5, 6), i32(0), i32(0), rows[:1]),
+                            (i32(5), i32(0), i32(0), np.array([1], np.int64)),
+                            (i32(5), i32(0), i32(0), np.array([-1], np.int64)),
+                            (i32(V), i32(0), i32(0), rows[:1]),
+                            (i32(-1), i32(0), i32(0), rows[:1]),
+                            (i32(5, 6), i32(1, 1), i32(3, 3), rows[:1]),
+                        ]
+                        before = k.copy(), v.copy()
+                        for step in refused:
+                            try:
+                                model.forward(*step[:3], k, v, step[3], isa=isa)
+                            except ValueError:
+                                pass
+                            else:
+                                raise AssertionError(f"a bad step was accepted: {step}")
+                        assert np.array_equal(k, before[0]) and np.array_equal(v, before[1])
 
     packed = packing.pack_ours(np.zeros((3, 300), np.int8))
     x = np.zeros((2, 300), np.float32)
@@ -191,24 +223,84 @@ def runtime_library(name: str) -> str:
     return path
 
 
-def test_kernels_clean_under_asan_and_ubsan():
-    module = build_sanitized()
+# Leaks LeakSanitizer must not report: objects the interpreter (and the tokenizers extension's
+# type objects) still hold at exit. Allocation stacks are cut to the allocating function
+# (malloc_context_size=2), so these match only memory that those libraries allocate themselves,
+# never a leak of our extension's C++ code called from Python.
+LEAK_SUPPRESSIONS = "leak:libpython3\nleak:tokenizers.abi3\n"
+
+# Run in the sanitized process before pytest: the package's `_native` is the sanitized build, and
+# the processes it starts (tests that spawn Python, cmake) run without the sanitizer preloaded.
+PYTEST_BOOTSTRAP = textwrap.dedent(
+    """
+    import importlib.util, os, sys
+    os.environ.pop("LD_PRELOAD")
+    spec = importlib.util.spec_from_file_location("bitnet158._native", sys.argv[1])
+    native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native)
+    sys.modules["bitnet158._native"] = native
+    import pytest
+    from bitnet158.engine import model
+    code = pytest.main(sys.argv[2:])
+    assert model._native is native and sys.modules["bitnet158._native"] is native
+    sys.exit(code)
+    """
+)
+
+
+def sanitizer_env() -> dict[str, str]:
+    """The environment of a process that runs the sanitized extension."""
+    suppressions = BUILD / "lsan.supp"
+    suppressions.write_text(LEAK_SUPPRESSIONS)
     env = {
         **os.environ,
         # libstdc++ too: ASan resolves its __cxa_throw interceptor at start-up, before the
         # extension would load libstdc++ (else the first C++ exception aborts in a CHECK).
         "LD_PRELOAD": f"{runtime_library('libasan.so')}:{runtime_library('libstdc++.so')}",
-        "ASAN_OPTIONS": "detect_leaks=0",
+        "ASAN_OPTIONS": "detect_leaks=1:malloc_context_size=2",
+        "LSAN_OPTIONS": f"suppressions={suppressions}:print_suppressions=0",
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
         "PYTHONMALLOC": "malloc",  # every buffer gets redzones
         "OMP_NUM_THREADS": "2",
     }
     env.pop("BITNET158_ISA", None)
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(module), str(ROOT / "src" / "bitnet158")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    return env
+
+
+def assert_clean(result: subprocess.CompletedProcess) -> None:
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-4000:]
+    for finding in ("AddressSanitizer", "LeakSanitizer", "runtime error"):
+        assert finding not in report, report[-4000:]
+
+
+def test_kernels_clean_under_asan_and_ubsan():
+    module = build_sanitized()
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(module), str(ROOT / "src" / "bitnet158")],
+        env=sanitizer_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert_clean(result)
     assert "SANITIZED-OK" in result.stdout
-    assert "AddressSanitizer" not in report and "runtime error" not in report, report[-4000:]
+
+
+def test_leak_detection_reports_a_leak():
+    """The leak check above can fail: memory lost by native code is reported."""
+    build_sanitized()
+    leak = "import ctypes; m = ctypes.CDLL(None).malloc; m.restype = ctypes.c_void_p; m(4096)"
+    result = subprocess.run([sys.executable, "-c", leak], env=sanitizer_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "detected memory leaks" in result.stderr
+    assert "4096 byte(s) leaked in 1 allocation(s)" in result.stderr
+
+
+def main(pytest_args: list[str]) -> int:
+    """Run pytest on `pytest_args` in one process with the sanitized extension (make test-asan)."""
+    module = build_sanitized()
+    command = [sys.executable, "-c", PYTEST_BOOTSTRAP, str(module), "-p", "no:cacheprovider"]
+    result = subprocess.run([*command, *pytest_args], env=sanitizer_env(), cwd=ROOT)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
