@@ -102,6 +102,7 @@ class Report:
     rss_growth_mib: float = 0.0
     rss_bound_mib: float = 0.0
     rss_peak_mib: float = 0.0
+    rss_samples_mib: list[float] = field(default_factory=list)  # once a second during the run
     health_after: bool = False
     final_request_correct: bool = False
     server_alive: bool = False
@@ -138,6 +139,7 @@ class Report:
             ("wall time", f"{self.wall_seconds:.1f} s"),
             ("requests per second", f"{self.requests / max(self.wall_seconds, 1e-9):.1f}"),
             ("server RSS after warm-up", f"{self.rss_after_warmup_mib:.1f} MiB"),
+            ("server RSS during the run (min - max of samples)", self._rss_range()),
             ("server RSS at the end", f"{self.rss_final_mib:.1f} MiB"),
             ("RSS growth (bound)", f"{self.rss_growth_mib:+.1f} MiB (< {self.rss_bound_mib} MiB)"),
             ("server peak RSS (VmHWM)", f"{self.rss_peak_mib:.1f} MiB"),
@@ -145,9 +147,16 @@ class Report:
             ("last request correct", self.final_request_correct),
             ("failures", len(self.failures)),
         ]
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.malformed_kinds.items()))
+        rows.insert(9, ("  kinds", kinds))
         lines = ["| | |", "|---|---:|", *(f"| {k} | {v} |" for k, v in rows)]
         lines += [f"- {f}" for f in self.failures[:20]]
         return "\n".join(lines)
+
+    def _rss_range(self) -> str:
+        if not self.rss_samples_mib:
+            return "-"
+        return f"{min(self.rss_samples_mib):.1f} - {max(self.rss_samples_mib):.1f} MiB"
 
 
 class Reference:
@@ -439,7 +448,7 @@ class Soak:
                 try:  # the client gives up while the server generates; the server must notice
                     response = await asyncio.wait_for(
                         http.post(spec.route, content=spec.body),
-                        timeout=self.rng.uniform(0.02, 0.3),
+                        timeout=self.rng.uniform(0.005, 0.1),
                     )
                 except asyncio.TimeoutError:
                     r.disconnects_mid_generation += count
@@ -500,6 +509,15 @@ class Soak:
             r.correct += 1
 
 
+async def _sampling_rss(work, pid: int, report: Report) -> None:
+    """Run `work`, sampling the server's RSS once a second meanwhile."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        report.rss_samples_mib.append(rss_mib(pid))
+        await asyncio.wait([task], timeout=1.0)
+    await task
+
+
 async def _settle(url: str, timeout: float = 30.0) -> bool:
     """Wait until the server has no active or waiting sequence (closed clients noticed)."""
     deadline = time.monotonic() + timeout
@@ -545,7 +563,7 @@ def run_soak(
         asyncio.run(_settle(server.url))
         report.rss_after_warmup_mib = rss_mib(server.proc.pid)
         start = time.perf_counter()
-        asyncio.run(soak.run(specs, clients))
+        asyncio.run(_sampling_rss(soak.run(specs, clients), server.proc.pid, report))
         report.wall_seconds = time.perf_counter() - start
         report.health_after = asyncio.run(_settle(server.url))
         report.rss_final_mib = rss_mib(server.proc.pid)
