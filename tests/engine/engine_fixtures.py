@@ -38,6 +38,8 @@ CONFIGS = {
         norm_kind="layernorm",
         norm_affine=False,
     ),
+    # head_dim 20: not a multiple of the 16 lanes of the AVX-512 attention (1bitLLM 3B has 100)
+    "head-dim-20": dict(hidden_act="relu2", hidden_size=80, num_kv_heads=2),
 }
 
 

@@ -296,10 +296,17 @@ BITNET158_AVX512 static inline void score_row(const float* q, int64_t d, const v
     __m512 acc[G];
     for (int g = 0; g < G; ++g)
         acc[g] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) {
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
         const __m512 k = load16(key, kv, i);
         for (int g = 0; g < G; ++g)
             acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + i), k, acc[g]);
+    }
+    if (i < d) {  // head_dim not a multiple of 16 (e.g. 100 in 1bitLLM's 3B)
+        const __m512 k = load16_tail(key, kv, i, d);
+        const __mmask16 m = static_cast<__mmask16>((1u << (d - i)) - 1);
+        for (int g = 0; g < G; ++g)
+            acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * d + i), k, acc[g]);
     }
     for (int g = 0; g < G; ++g)
         s[g * ld] = _mm512_reduce_add_ps(acc[g]) * scale;
@@ -326,16 +333,23 @@ BITNET158_AVX512 static inline __m512 reduce16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(x01, x23, 0xdd));
 }
 
-// s[0..15] = (q . key_j) * scale for 16 consecutive key rows of length d (d % 16 == 0).
+// s[0..15] = (q . key_j) * scale for 16 consecutive key rows of length d.
 BITNET158_AVX512 static inline void score_16_keys(const float* q, int64_t d, const void* keys,
                                                   Dtype kv, float scale, float* s) {
     __m512 acc[16];
     for (int j = 0; j < 16; ++j)
         acc[j] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) {
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
         const __m512 qv = _mm512_loadu_ps(q + i);
         for (int j = 0; j < 16; ++j)
             acc[j] = _mm512_fmadd_ps(qv, load16(keys, kv, j * d + i), acc[j]);
+    }
+    if (i < d) {
+        const __m512 qv =
+            _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (d - i)) - 1), q + i);
+        for (int j = 0; j < 16; ++j)
+            acc[j] = _mm512_fmadd_ps(qv, load16_tail(keys, kv, j * d + i, j * d + d), acc[j]);
     }
     _mm512_storeu_ps(s, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
 }
@@ -343,10 +357,6 @@ BITNET158_AVX512 static inline void score_16_keys(const float* q, int64_t d, con
 BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* keys,
                                     const void* values, Dtype kv, int64_t n, int64_t d, float scale,
                                     float* scores, float* out) {
-    if (d % 16) {
-        attend_scalar(q, group, keys, values, kv, n, d, scale, scores, out);
-        return;
-    }
     const int64_t es = kv == Dtype::f16 ? 2 : 4;
     // 16 keys at a time for each query head: one transposing reduction per 16 scores
     const int64_t n16 = n / 16 * 16;
@@ -404,15 +414,21 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t G = group - g0 < 4 ? group - g0 : 4;
         for (int64_t i0 = 0; i0 < d; i0 += 64) {
-            const int64_t w = d - i0 < 64 ? (d - i0) / 16 : 4;
+            const int64_t left = d - i0 < 64 ? d - i0 : 64;
+            const int64_t w = (left + 15) / 16;  // 16-wide chunks, the last one maybe partial
+            const int64_t last = left - 16 * (w - 1);
+            const __mmask16 m = static_cast<__mmask16>((1u << last) - 1);
             __m512 acc[4][4];
             for (int g = 0; g < 4; ++g)
                 for (int c = 0; c < 4; ++c)
                     acc[g][c] = _mm512_setzero_ps();
             for (int64_t j = 0; j < n; ++j) {
                 __m512 v[4];
-                for (int c = 0; c < w; ++c)
-                    v[c] = load16(values, kv, j * d + i0 + 16 * c);
+                for (int c = 0; c < w; ++c) {
+                    const int64_t at = j * d + i0 + 16 * c;
+                    v[c] = c + 1 < w || last == 16 ? load16(values, kv, at)
+                                                   : load16_tail(values, kv, at, at + last);
+                }
                 for (int g = 0; g < G; ++g) {
                     const __m512 p = _mm512_set1_ps(scores[(g0 + g) * n + j]);
                     for (int c = 0; c < w; ++c)
@@ -420,8 +436,13 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
                 }
             }
             for (int g = 0; g < G; ++g)
-                for (int c = 0; c < w; ++c)
-                    _mm512_storeu_ps(out + (g0 + g) * d + i0 + 16 * c, acc[g][c]);
+                for (int c = 0; c < w; ++c) {
+                    float* o = out + (g0 + g) * d + i0 + 16 * c;
+                    if (c + 1 < w || last == 16)
+                        _mm512_storeu_ps(o, acc[g][c]);
+                    else
+                        _mm512_mask_storeu_ps(o, m, acc[g][c]);
+                }
         }
     }
 }
