@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="model file (default: 2B4T-shaped)")
     ap.add_argument("--threads", type=int, default=None, help="server CPU threads (default all)")
     ap.add_argument("--max-context", type=int, default=512, help="tokens per slot (default 512)")
-    ap.add_argument("--lm-head", choices=("exact", "int8"), default="exact")
+    ap.add_argument("--lm-head", choices=("exact", "int8", "q4"), default="exact")
     ap.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
     args = ap.parse_args()
 

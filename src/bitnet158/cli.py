@@ -675,8 +675,9 @@ def _add_serve_command(sub) -> None:
     p.add_argument(
         "--max-context", type=int, default=None, help="tokens per sequence (default: the model's)"
     )
-    p.add_argument("--lm-head", choices=("exact", "int8"), default="exact",
-                   help="output layer: stored dtype, or int8 per row (faster)")  # fmt: skip
+    p.add_argument("--lm-head", choices=("exact", "int8", "q4"), default="exact",
+                   help="output layer: stored dtype, int8 per row, or 4-bit groups of 32 "
+                        "(fastest decode)")  # fmt: skip
     p.add_argument("--kv-cache-dtype", choices=("float32", "float16"), default="float32",
                    help="KV cache precision (float16: half the memory)")  # fmt: skip
     g = p.add_argument_group("limits")
