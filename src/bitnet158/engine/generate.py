@@ -90,7 +90,7 @@ def generate_tokens(
     stats.finish_reason = "length"
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
+def held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of `text` that could begin a stop string."""
     longest = 0
     for stop in stops:
@@ -101,7 +101,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-def _first_stop(text: str, stops: Sequence[str], start: int) -> int:
+def first_stop(text: str, stops: Sequence[str], start: int) -> int:
     """Index of the earliest stop string found at or after `start`, or -1."""
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else -1
@@ -124,19 +124,19 @@ def stream_text(
     try:
         for token in tokens:
             text += decoder.push(token)
-            cut = _first_stop(text, stop, sent)
+            cut = first_stop(text, stop, sent)
             if cut >= 0:
                 if cut > sent:
                     yield text[sent:cut]
                 if stats is not None:
                     stats.finish_reason = "stop"
                 return
-            safe = len(text) - _held_back(text, stop)
+            safe = len(text) - held_back(text, stop)
             if safe > sent:
                 yield text[sent:safe]
                 sent = safe
         text += decoder.flush()
-        cut = _first_stop(text, stop, sent)
+        cut = first_stop(text, stop, sent)
         if cut >= 0 and stats is not None:
             stats.finish_reason = "stop"
         end = cut if cut >= 0 else len(text)

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..engine.generate import _first_stop, _held_back
+from ..engine.generate import first_stop, held_back
 from ..engine.model import PREFILL_CHUNK, EngineModel
 from ..engine.sampling import sample
 from ..formats.tokenizer import IncrementalDecoder, Tokenizer
@@ -104,10 +104,10 @@ class StopText:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> tuple[str, bool]:
-        cut = _first_stop(self.text, self.stops, self.sent)
+        cut = first_stop(self.text, self.stops, self.sent)
         end = cut if cut >= 0 else len(self.text)
         if cut < 0 and not final:
-            end -= _held_back(self.text, self.stops)
+            end -= held_back(self.text, self.stops)
         delta = self.text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return delta, cut >= 0
