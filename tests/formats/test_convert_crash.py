@@ -129,5 +129,6 @@ def test_sigkill_leaves_the_old_or_the_new_output(tmp_path, to):
     assert snapshot(dst) == new
     assert leftovers(dst) == []
     # at least one kill hit a run that had begun writing and had not ended
+    print(f"{to}: (phase, exit status, destination) after each kill: {outcomes}")  # pytest -s
     # some kill hit a run that had begun writing its output and had not ended
     assert ("writing", -signal.SIGKILL) in [o[:2] for o in outcomes], outcomes

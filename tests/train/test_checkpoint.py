@@ -113,6 +113,7 @@ def test_sigkill_at_random_points_then_resume_reaches_the_same_weights(tmp_path)
         for ckpt in checkpoints(run):  # every checkpoint left behind is complete
             model = fresh_model()
             load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()))
+    print(f"training kills (moment, exit status): {kills}")  # pytest -s
     assert ("checkpoint write", -signal.SIGKILL) in kills, kills
     last = latest_checkpoint(run)
     final = start_worker(run, 0, env)
