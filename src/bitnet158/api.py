@@ -23,7 +23,7 @@ from .engine.model import EngineModel
 from .engine.sampling import check_params
 from .errors import GenerationError
 from .formats.convert import read_checkpoint
-from .formats.native import NativeCheckpoint
+from .formats.native import NativeCheckpoint, check_finite
 from .formats.tokenizer import IncrementalDecoder, Tokenizer
 
 # Tokens that end an assistant turn in the chat templates of the supported families.
@@ -178,6 +178,7 @@ def load(
         raise ValueError(f"kv_cache_dtype must be one of {KV_DTYPES}, got {kv_cache_dtype!r}")
     set_num_threads(threads)
     ckpt = read_checkpoint(path)
+    check_finite(ckpt)
     tokenizer = checkpoint_tokenizer(ckpt)
     engine = EngineModel(ckpt.config, ckpt.tensors, lm_head=lm_head)
     return Model(ckpt.config, engine, tokenizer, Path(ckpt.path), max_context, kv_cache_dtype)

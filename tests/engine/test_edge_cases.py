@@ -13,7 +13,7 @@ from test_engine_model import assert_close_logits
 import bitnet158
 from bitnet158 import _native, quant
 from bitnet158.engine.sampling import sample
-from bitnet158.errors import GenerationError
+from bitnet158.errors import FormatError, GenerationError
 from bitnet158.formats.native import save_native
 from bitnet158.nn import bitlinear
 from bitnet158.nn.model import Transformer
@@ -85,15 +85,27 @@ def test_zero_projection_and_zero_embedding_row_match_the_torch_reference(tmp_pa
     assert_close_logits(got, want)
 
 
+def test_nan_in_norm_weights_or_scales_is_a_format_error(tmp_path):
+    """The quantizer would turn these NaNs into finite codes: refused at load instead."""
+    cfg = make_config("relu2-subln-gqa-tied")
+    for name, value in [("layers.0.attn_norm.weight", np.nan), ("layers.1.down.scale", np.inf)]:
+        tensors = random_tensors(cfg)
+        tensors[name] = np.array(tensors[name], np.float32)
+        tensors[name].reshape(-1)[-1] = value
+        path = save_native(tmp_path / "bad.safetensors", cfg, tensors, TOKENIZER_JSON)
+        with pytest.raises(FormatError, match=rf"tensor {name} holds 1 NaN or infinite values"):
+            bitnet158.load(path)
+
+
 def test_nan_logits_are_a_generation_error(tmp_path):
     cfg = make_config("relu2-subln-gqa-tied")
     tensors = random_tensors(cfg)
-    tensors["norm.weight"][3] = np.nan  # a corrupt file: every logit is NaN
+    tensors["embed.weight"][9, 3] = np.nan  # tied: token 9's logit is NaN at every position
     path = save_native(tmp_path / "nan.safetensors", cfg, tensors, TOKENIZER_JSON, CHAT_TEMPLATE)
     model = bitnet158.load(path)
-    assert np.isnan(model.logits(IDS)).all()  # raw logits are returned as they are
+    assert np.isnan(model.logits(IDS)[:, 9]).all()  # raw logits are returned as they are
     for temperature in (0.0, 0.8):
-        with pytest.raises(GenerationError, match="non-finite logits"):
+        with pytest.raises(GenerationError, match="1 non-finite logits"):
             model.generate("ROMEO:", max_new_tokens=4, temperature=temperature, seed=0)
     with pytest.raises(GenerationError, match="non-finite logits"):
         list(model.generate("ROMEO:", max_new_tokens=4, stream=True))

@@ -55,6 +55,22 @@ class NativeCheckpoint:
     source: str | None = None
 
 
+def check_finite(ckpt: NativeCheckpoint) -> None:
+    """FormatError naming the first norm weight or projection scale that holds NaN or inf.
+
+    The activation quantizer turns a NaN into a finite code (see quant.py), so a NaN in one of
+    these small tensors would give wrong but finite logits rather than an error. The large float
+    matrices (embedding, output layer) are not read here: a NaN there reaches the logits, which
+    generation refuses (engine.sampling).
+    """
+    for name, value in ckpt.tensors.items():
+        if name.endswith(".packed") or name in FLOAT_MATRICES:
+            continue
+        bad = np.size(value) - np.count_nonzero(np.isfinite(np.asarray(value, np.float32)))
+        if bad:
+            raise FormatError(f"{ckpt.path}: tensor {name} holds {bad} NaN or infinite values")
+
+
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     """Widen raw BF16 bits (uint16) to float32 exactly."""
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
