@@ -113,6 +113,7 @@ def test_error_cases_through_the_client(client, model_path):
         (b'{"prompt": 5}', 400, "prompt"),
         (b'{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
         (b'{"prompt": "x", "max_tokens": true}', 400, "max_tokens"),
+        (b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),  # no empty completions
         (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
         (b'{"prompt": "x", "n": 5}', 400, "n"),
         (b'{"prompt": [1, 999999]}', 400, "prompt"),

@@ -152,7 +152,7 @@ def create_app(
                 param="max_tokens",
             )
         return SamplingParams(
-            max_tokens=max(1, max_tokens),
+            max_tokens=max_tokens,
             temperature=req.temperature,
             top_k=req.top_k,
             top_p=None if req.top_p >= 1 else req.top_p,

@@ -62,7 +62,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None  # None: the served model
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)  # extension, as in vLLM
@@ -108,7 +108,7 @@ class CompletionRequest(_Request):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for completions
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     suffix: str | None = None
 
@@ -158,7 +158,7 @@ class ChatRequest(_Request):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check_chat(self):
