@@ -71,17 +71,30 @@ def test_non_finite_weights_have_no_scale():
 
 
 def test_non_finite_activations_hand_computed():
-    """The definition the native kernels share: NaN ignored by the absmax and stored as -128,
-    an inf makes the row's scale 0 (finite values -> 0, the inf -> -128)."""
+    """The definition the native kernels share: a row holding a NaN gets s = NaN (torch's absmax
+    propagates it) and codes -128, an inf makes the row's scale 0 (finite values -> 0, the inf
+    -> -128)."""
     nan, inf = np.float32(np.nan), np.float32(np.inf)
     x = np.array(
         [[1.0, nan, -2.0, 0.5], [inf, 1.0, -1.0, 0.0], [nan, nan, nan, nan], [-inf, 2, 0, 0]],
         dtype=np.float32,
     )
     x_q, s = quant.quantize_activations(x)
-    floor = np.float32(1 / np.float32(1e-5)) * np.float32(127)
-    assert s.tolist() == [np.float32(63.5), 0.0, floor, 0.0]
-    assert x_q.tolist() == [[64, -128, -127, 32], [-128, 0, 0, 0], [-128] * 4, [-128, 0, 0, 0]]
+    assert np.isnan(s[0]) and np.isnan(s[2]) and s[[1, 3]].tolist() == [0.0, 0.0]
+    assert x_q.tolist() == [[-128] * 4, [-128, 0, 0, 0], [-128] * 4, [-128, 0, 0, 0]]
     y = quant.ternary_linear_reference(x, np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.int8), 0.5)
-    # an inf row divides by s = 0: -128/0 = -inf, 0/0 = NaN
-    assert y[1, 0] == -np.inf and np.isnan(y[1, 1]) and np.isfinite(y[[0, 2]]).all()
+    # NaN rows are NaN everywhere; an inf row divides by s = 0: -128/0 = -inf, 0/0 = NaN
+    assert np.isnan(y[[0, 2]]).all() and y[1, 0] == -np.inf and np.isnan(y[1, 1])
+
+
+def test_nan_rows_are_nan_as_in_torch():
+    """The torch twin (training) and numpy agree on which outputs a NaN makes NaN: its row's."""
+    x = np.random.default_rng(0).standard_normal((3, 40)).astype(np.float32)
+    x[1, 7] = np.nan
+    codes = np.random.default_rng(1).integers(-1, 2, (5, 40)).astype(np.int8)
+    y = quant.ternary_linear_reference(x, codes, 0.7)
+    x_t = torch.from_numpy(x)
+    s = 127.0 / x_t.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+    want = ((x_t * s).round().clamp(-128, 127) / s) @ (torch.from_numpy(codes).float() * 0.7).T
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want.numpy()))
+    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()

@@ -11,11 +11,11 @@ tests/engine/test_edge_cases.py):
   activation row gets s = 127 / 1e-5 and all-zero codes: both give exact zeros, never NaN;
 - weights with NaN or inf have no absmean scale: `quantize_weights` raises ValueError;
 - activations with NaN or inf (a fault upstream) still quantize, as the SIMD kernels do:
-  NaN is ignored by the row's absmax and stored as -128 (x86's float-to-int conversion of NaN,
-  saturated); an inf makes the row's scale 0, so its finite values become 0, the inf itself
-  -128, and the row's dequantized outputs inf or NaN. The torch twin, used for training, keeps
-  NaN as NaN (its codes are floats); training stops on a non-finite loss, generation on
-  non-finite logits (engine.sampling).
+  a row holding a NaN gets the scale NaN, as torch's absmax propagates it, and all its codes
+  are -128 (x86's float-to-int conversion of NaN, saturated), so every output of that row is
+  NaN, as in the torch twin; an inf makes the row's scale 0, so its finite values become 0,
+  the inf itself -128, and the row's dequantized outputs inf or NaN. Training stops on a
+  non-finite loss, generation on non-finite logits (engine.sampling).
 """
 
 from __future__ import annotations
@@ -58,9 +58,7 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     NaN and inf give the native kernels' result (see the module docstring).
     """
     x = np.asarray(x, dtype=np.float32)
-    nan = np.isnan(x)
-    amax = np.where(nan, np.float32(0), np.abs(x)).max(axis=-1, keepdims=True)  # NaN ignored
-    amax = np.maximum(amax, np.float32(EPS))
+    amax = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(EPS))  # NaN propagates
     # torch evaluates `127 / amax` as reciprocal(amax) * 127; every reference implementation is
     # torch code, so do the same (a true division differs in the last bit for some amax).
     s = (np.float32(1.0) / amax) * np.float32(127.0)

@@ -52,12 +52,13 @@ def test_nan_and_inf_activations_quantize_as_numpy_defines(isa):
     x[5, ::3] = np.nan
     x_q, s = _native.quantize_activations(x, isa=isa)
     want_q, want_s = quant.quantize_activations(x)
-    assert np.array_equal(x_q, want_q) and np.array_equal(s, want_s)
+    assert np.array_equal(x_q, want_q) and np.array_equal(s, want_s, equal_nan=True)
     codes = rng.integers(-1, 2, size=(5, 300)).astype(np.int8)
     y = _native.bitlinear(x, pack_ours(codes), 0.5, 5, 300, isa=isa)
     want = quant.ternary_linear_reference(x, codes, 0.5)
     assert np.array_equal(y, want, equal_nan=True)
     assert not np.isfinite(y[[1, 4]]).all()  # an inf reaches the output
+    assert np.isnan(y[[0, 3, 5]]).all() and np.isfinite(y[2]).all()  # a NaN spoils its row only
 
 
 def zero_weights_model(cfg) -> Transformer:
@@ -86,7 +87,7 @@ def test_zero_projection_and_zero_embedding_row_match_the_torch_reference(tmp_pa
 
 
 def test_nan_in_norm_weights_or_scales_is_a_format_error(tmp_path):
-    """The quantizer would turn these NaNs into finite codes: refused at load instead."""
+    """NaN in a norm weight or a scale would make every logit NaN: refused at load instead."""
     cfg = make_config("relu2-subln-gqa-tied")
     for name, value in [("layers.0.attn_norm.weight", np.nan), ("layers.1.down.scale", np.inf)]:
         tensors = random_tensors(cfg)

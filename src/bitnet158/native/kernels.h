@@ -71,8 +71,9 @@ using Int8RowsFn = void (*)(const int8_t* x_q, int64_t T, int64_t kpad, const in
                             int64_t ldo);
 
 // Quantize one row: x float32[k] -> q int8[k] with s = activation_scale(max|x|), q =
-// clip(round_half_even(x * s), -128, 127); returns s. A NaN element becomes -128 (the SIMD
-// convert's "integer indefinite" saturated), and NaNs are ignored by the max.
+// clip(round_half_even(x * s), -128, 127); returns s. A row holding a NaN gets s = NaN (torch's
+// absmax propagates it), so all its codes are -128 (the SIMD convert's "integer indefinite",
+// saturated) and every output dequantized with s is NaN, as in the torch model.
 using QuantizeRowFn = float (*)(const float* x, int64_t k, int8_t* q);
 
 // Dot products of T activation rows with the rows of groups [g0, g1) of a packed matrix:
@@ -124,6 +125,11 @@ inline int8_t quantize_value(float v) {
 // quant.quantize_activations does (a true division differs in the last bit for some amax).
 inline float activation_scale(float amax) {
     return (1.0f / (amax > kEps ? amax : kEps)) * 127.0f;
+}
+
+// The scale of a row, NaN when the row holds a NaN (see QuantizeRowFn).
+inline float row_scale(float amax, bool has_nan) {
+    return has_nan ? __builtin_nanf("") : activation_scale(amax);
 }
 
 // IEEE half and bfloat16 bits -> float32, exactly (the scalar paths; SIMD ones convert in

@@ -19,20 +19,25 @@ BITNET158_AVX2 static inline __m128i hsum4(__m256i a, __m256i b, __m256i c, __m2
 
 BITNET158_AVX2 float quantize_row_avx2(const float* x, int64_t k, int8_t* q) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 vmax = _mm256_setzero_ps();
+    __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= k; i += 8)  // max(a, b) returns b when a is NaN: NaNs are ignored
-        vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), absmask), vmax);
+    for (; i + 8 <= k; i += 8) {  // max(a, b) returns b when a is NaN: NaNs are ignored
+        const __m256 v = _mm256_loadu_ps(x + i);
+        vmax = _mm256_max_ps(_mm256_and_ps(v, absmask), vmax);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
     float lanes[8];
     _mm256_storeu_ps(lanes, vmax);
     float amax = 0.0f;
     for (float a : lanes)
         amax = a > amax ? a : amax;
+    bool has_nan = _mm256_movemask_ps(vnan) != 0;
     for (; i < k; ++i) {
         const float a = __builtin_fabsf(x[i]);
         amax = a > amax ? a : amax;
+        has_nan |= a != a;
     }
-    const float s = activation_scale(amax);
+    const float s = row_scale(amax, has_nan);
     const __m256 vs = _mm256_set1_ps(s);
     // 32 values per step: cvtps (half to even) -> saturating packs -> undo the lane interleave.
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);

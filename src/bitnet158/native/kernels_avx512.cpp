@@ -11,14 +11,20 @@ namespace bitnet158 {
 
 BITNET158_AVX512 float quantize_row_avx512(const float* x, int64_t k, int8_t* q) {
     __m512 vmax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16)  // max(a, b) returns b when a is NaN: NaNs are ignored
-        vmax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), vmax);
+    for (; i + 16 <= k; i += 16) {  // max(a, b) returns b when a is NaN: NaNs are ignored
+        const __m512 v = _mm512_loadu_ps(x + i);
+        vmax = _mm512_max_ps(_mm512_abs_ps(v), vmax);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
     if (i < k) {
         const __mmask16 tail = static_cast<__mmask16>((1u << (k - i)) - 1);
-        vmax = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(tail, x + i)), vmax);
+        const __m512 v = _mm512_maskz_loadu_ps(tail, x + i);
+        vmax = _mm512_max_ps(_mm512_abs_ps(v), vmax);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     }
-    const float s = activation_scale(_mm512_reduce_max_ps(vmax));
+    const float s = row_scale(_mm512_reduce_max_ps(vmax), nan != 0);
     const __m512 vs = _mm512_set1_ps(s);
     for (i = 0; i + 16 <= k; i += 16) {
         const __m512i r = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vs),

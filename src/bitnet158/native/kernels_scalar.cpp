@@ -8,11 +8,13 @@ namespace bitnet158 {
 
 float quantize_row_scalar(const float* x, int64_t k, int8_t* q) {
     float amax = 0.0f;
+    bool has_nan = false;
     for (int64_t i = 0; i < k; ++i) {
         const float a = std::fabs(x[i]);
         amax = a > amax ? a : amax;  // NaN compares false: ignored, as by the SIMD max
+        has_nan |= a != a;
     }
-    const float s = activation_scale(amax);
+    const float s = row_scale(amax, has_nan);
     for (int64_t i = 0; i < k; ++i)
         q[i] = quantize_value(x[i] * s);
     return s;
