@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import FormatError
+from ..formats.atomic import fsync_path
 
 FORMAT = "bitnet158-train"
 FORMAT_VERSION = 1
@@ -69,19 +70,6 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
             seen[key] = name
         unique[name] = t.detach().contiguous()
     return unique, aliases
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -157,12 +145,11 @@ def save_checkpoint(
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(f)
         if final.exists():  # re-saving a step (e.g. the final one): replace it
             _discard(final)
         os.replace(tmp, final)
-        _fsync_dir(run)
+        fsync_path(run)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
