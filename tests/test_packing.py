@@ -97,6 +97,75 @@ def test_ours_errors(rng):
         packing.pack_ours(np.full((2, 2), -2, dtype=np.int8))
 
 
+# --- ours, 1.6 bits --------------------------------------------------------------------------------
+
+
+def t5_byte(t0, t1, t2, t3, t4):
+    """The byte of the codes t0..t4 (`w + 1`), by the equation in packing.py's comment."""
+    a, c = 9 * t0 + 3 * t1 + t2, 3 * t3 + t4
+    return 64 * (a // 7) + 7 * c + a % 7
+
+
+def ours_tq1_by_formula(packed, n, k):
+    """Decode every element by the definition: row 4g+r, k = 320b + 64i + m lives in byte
+    (g, 256b + 64r + m) as its i-th code; the byte -> codes map is inverted by a table."""
+    table = np.full((256, 5), -9, dtype=np.int8)
+    for t in np.ndindex(3, 3, 3, 3, 3):
+        table[t5_byte(*t)] = t
+    rows, cols = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+    g, r = rows // 4, rows % 4
+    b, i, m = cols // 320, (cols % 320) // 64, cols % 64
+    return table[packed[g, 256 * b + 64 * r + m], i] - 1
+
+
+@pytest.mark.parametrize(
+    "n,k", [(1, 1), (3, 100), (4, 320), (5, 321), (4097, 300), (6, 6912), (2, 2560)]
+)
+def test_ours_tq1_layout_and_roundtrip(rng, n, k):
+    codes = ternary(rng, n, k)
+    packed = packing.pack_ours_tq1(codes)
+    g, nb = -(-n // 4), -(-k // 320)
+    assert packed.shape == (g, 256 * nb) == packing.ours_tq1_packed_shape(n, k)
+    assert packed.dtype == np.uint8 and packed.flags.c_contiguous
+    np.testing.assert_array_equal(ours_tq1_by_formula(packed, n, k), codes)
+    # padding rows and columns hold zero weights
+    padded = ours_tq1_by_formula(packed, 4 * g, 320 * nb)
+    assert not padded[n:].any() and not padded[:, k:].any()
+    np.testing.assert_array_equal(packing.unpack_ours_tq1(packed, n, k), codes)
+
+
+def test_ours_tq1_is_1_6_bits_and_every_byte_decodes_or_is_refused():
+    # 1.6 bits per weight when K is a multiple of 320; 5 trits in each of 243 distinct bytes
+    assert np.prod(packing.ours_tq1_packed_shape(8, 3200)) * 8 == 1.6 * 8 * 3200
+    written = {t5_byte(*t): t for t in np.ndindex(3, 3, 3, 3, 3)}
+    assert len(written) == 243 and max(written) < 256
+    zero = t5_byte(1, 1, 1, 1, 1)
+    for byte in range(256):
+        packed = np.full((1, 256), zero, dtype=np.uint8)
+        packed[0, 130] = byte  # row 2, byte 2: the codes of k = 2, 66, 130, 194, 258
+        if byte in written:
+            expected = np.zeros((3, 320), dtype=np.int8)
+            expected[2, 2::64] = np.array(written[byte]) - 1
+            np.testing.assert_array_equal(packing.unpack_ours_tq1(packed, 3, 320), expected)
+        else:
+            with pytest.raises(ValueError, match="corrupt"):
+                packing.unpack_ours_tq1(packed, 3, 320)
+
+
+def test_ours_tq1_errors(rng):
+    packed = packing.pack_ours_tq1(ternary(rng, 5, 330))
+    with pytest.raises(ValueError, match=r"shape \(2, 512\)"):
+        packing.unpack_ours_tq1(packed[:1], 5, 330)
+    with pytest.raises(ValueError, match="shape"):
+        packing.unpack_ours_tq1(packed, 5, 300)  # one block of 320, not two
+    with pytest.raises(ValueError, match="uint8"):
+        packing.unpack_ours_tq1(packed.view(np.int8), 5, 330)
+    with pytest.raises(ValueError, match="positive"):
+        packing.ours_tq1_packed_shape(3, 0)
+    with pytest.raises(ValueError, match="must be in"):
+        packing.pack_ours_tq1(np.full((2, 2), 2, dtype=np.int8))
+
+
 # --- GGUF TQ1_0 / TQ2_0 ----------------------------------------------------------------------------
 
 TQ = [

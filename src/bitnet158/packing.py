@@ -2,10 +2,12 @@
 
 Every layout is one pack/unpack pair over ternary codes int8[N, K] in {-1, 0, 1} (N = output
 features, K = input features, as in `formats`). All layouts store 2-bit codes `w + 1` in
-{0, 1, 2} except TQ1_0 (base-3 digits, 5 per byte). numpy only, vectorised: these run on every
-matrix of a 2B-parameter model at convert time.
+{0, 1, 2} except TQ1_0 and our 1.6-bit layout (5 trits per byte). numpy only, vectorised:
+these run on every matrix of a 2B-parameter model at convert time.
 
 - ours (`pack_ours`): the layout the native kernels read as one linear stream; see its docstring.
+- ours at 1.6 bits (`pack_ours_tq1`): the same stream with 5 trits per byte, measured against
+  the 2-bit layout by `benchmarks/bench_layout.py`.
 - transformers (`pack_hf`): `integrations/bitnet.py` `pack_weights`, blocked along axis 0.
 - TQ2_0 / TQ1_0 (`pack_tq2_0`, `pack_tq1_0`): llama.cpp's ternary types, blocks of 256 with an
   fp16 scale, byte-identical to gguf-py's `gguf.quants.quantize`.
@@ -146,6 +148,72 @@ def unpack_ours(packed: np.ndarray, n: int, k: int) -> np.ndarray:
     v = packed.reshape(g, kpad // KBLOCK, ROWS, 1, 64) >> _SHIFTS[:, None]  # [g, b, r, j, m]
     u = (v & np.uint8(3)).transpose(0, 2, 1, 3, 4).reshape(ROWS * g, kpad)
     return _codes_from_u8(np.ascontiguousarray(u[:n, :k]), "bitnet158")
+
+
+# --- ours, 1.6 bits (5 trits per byte) -----------------------------------------------------------
+
+# A byte holds the codes t0..t4 (`w + 1`) of five weights. Of 3^5 = 243 tuples in 256 bytes,
+# split as a = 9*t0 + 3*t1 + t2 (27 values) and c = 3*t3 + t4 (9 values):
+#   byte = 64 * (a // 7) + 7 * c + a % 7,
+# so c = (byte & 63) // 7 depends on the low 6 bits only: the AVX-512 kernel decodes (t3, t4)
+# with one 64-entry byte permute (vpermb) and (t0, t1, t2) with a 256-entry one (two vpermi2b
+# and a blend on bit 7); llama.cpp's TQ1_0 encoding (base-3 fixed point) needs ~4 more
+# instructions per 64 weights. The 13 bytes with byte & 63 == 63 or a > 26 are never written.
+TQ1_KBLOCK = 320  # K values per 64-byte block of a row (5 planes of 64)
+_T5_CODE_ONE = 1  # `w + 1` of a zero weight
+
+
+def _t5_bytes(t: np.ndarray) -> np.ndarray:
+    """uint8 codes [..., 5, m] (axis -2 = t0..t4) -> the bytes [..., m] that hold them."""
+    t = t.astype(np.uint16)
+    a = 9 * t[..., 0, :] + 3 * t[..., 1, :] + t[..., 2, :]
+    c = 3 * t[..., 3, :] + t[..., 4, :]
+    return (64 * (a // 7) + 7 * c + a % 7).astype(np.uint8)
+
+
+def _t5_codes(b: np.ndarray) -> np.ndarray:
+    """Bytes [..., m] -> uint8 codes [..., 5, m]; ValueError on a byte the packer never writes."""
+    d = b & np.uint8(63)
+    a = 7 * (b >> np.uint8(6)) + d % np.uint8(7)
+    c = d // np.uint8(7)
+    if b.size and (d.max() == 63 or a.max() > 26):
+        raise ValueError("bitnet158 1.6-bit data holds a byte no weights encode to: corrupt")
+    return np.stack([a // 9, a // 3 % 3, a % 3, c // 3, c % 3], axis=-2).astype(np.uint8)
+
+
+def ours_tq1_packed_shape(n: int, k: int) -> tuple[int, int]:
+    """Shape (ceil(n/4), 256 * ceil(k/320)) of our 1.6-bit layout (`pack_ours_tq1`)."""
+    _check_nk(n, k)
+    return _cdiv(n, ROWS), _cdiv(k, TQ1_KBLOCK) * ROWS * 64
+
+
+def pack_ours_tq1(codes: np.ndarray) -> np.ndarray:
+    """Our 1.6-bit kernel layout: codes int8[N, K] -> uint8[ceil(N/4), 256 * ceil(K/320)].
+
+    Like `pack_ours` with 5 trits per byte: rows in groups of 4 (N padded with zero weights),
+    K padded with zero weights to a multiple of 320. Group g is a sequence of K-blocks b of 320
+    values; inside a block the rows r = 0..3 follow each other, 64 bytes each; byte m of row r
+    holds the codes `w + 1` of k = 320*b + 64*i + m, i = 0..4, encoded as described above. One
+    64-byte load thus yields five planes of 64 consecutive k values.
+    """
+    u = _check_codes(codes)
+    n, k = u.shape
+    g, nbytes = ours_tq1_packed_shape(n, k)
+    nb = nbytes // (ROWS * 64)
+    full = np.full((ROWS * g, nb * TQ1_KBLOCK), _T5_CODE_ONE, dtype=np.uint8)
+    full[:n, :k] = u
+    b = _t5_bytes(full.reshape(g, ROWS, nb, 5, 64))  # [g, r, b, m]
+    return np.ascontiguousarray(b.transpose(0, 2, 1, 3)).reshape(g, nbytes)
+
+
+def unpack_ours_tq1(packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Inverse of `pack_ours_tq1`: uint8[ceil(n/4), 256 * ceil(k/320)] -> codes int8[n, k]."""
+    g, nbytes = ours_tq1_packed_shape(n, k)
+    packed = _check_packed(packed, (g, nbytes), "bitnet158 1.6-bit")
+    nb = nbytes // (ROWS * 64)
+    t = _t5_codes(packed.reshape(g, nb, ROWS, 64))  # [g, b, r, i, m]
+    u = t.transpose(0, 2, 1, 3, 4).reshape(ROWS * g, nb * TQ1_KBLOCK)
+    return np.ascontiguousarray(u[:n, :k]).view(np.int8) - np.int8(1)
 
 
 # --- GGUF TQ2_0 / TQ1_0 (llama.cpp ggml-common.h block_tq2_0 / block_tq1_0) ---------------------
