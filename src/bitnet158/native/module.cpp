@@ -487,6 +487,8 @@ private:
 
 }  // namespace
 
+namespace bitnet158 { void bind_tq1(nb::module_& m); }  // module_tq1.cpp: the 1.6-bit GEMM
+
 NB_MODULE(_native, m) {
     m.doc() = "bitnet158 native kernels: ternary GEMM over the packed layout of packing.py";
 
@@ -667,4 +669,5 @@ NB_MODULE(_native, m) {
         "buf"_a.noconvert(),
         "Read every byte of buf with the kernels' threads (a memory read bandwidth probe); "
         "returns a checksum.");
+    bind_tq1(m);
 }
