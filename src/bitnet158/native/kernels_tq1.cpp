@@ -118,8 +118,8 @@ BITNET158_AVX512_VBMI inline void decode(__m512i p, const Tq1Regs& tab, __m512i&
 
 // The planes are picked by masks, not shifts: (lo & 12) is 4 * t1, so its products go into an
 // accumulator of 4x scaled sums (exact, divided at the end). Shifts cost as much as the byte
-// permutes on Zen 4; masks are cheap. Every |product| <= 48 * 128 and a 32-bit lane of one
-// accumulator gains at most 4 of them per block: no overflow for k up to 2^22.
+// permutes on Zen 4; masks are cheap. Per block a 32-bit lane of an accumulator gains at most
+// 8 products of |value| <= 48 * 128: no overflow for k up to 2^22 (module.cpp's limit).
 #define BITNET158_TQ1_ROW(r)                                                          \
     {                                                                                 \
         __m512i lo, hi;                                                               \
