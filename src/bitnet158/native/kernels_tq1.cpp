@@ -15,6 +15,10 @@
 #include "kernels_tq1.h"
 #include "threadpool.h"
 
+#if defined(BITNET158_X86)
+#include <immintrin.h>
+#endif
+
 namespace bitnet158 {
 
 namespace {
@@ -81,9 +85,6 @@ void tq1_groups_scalar(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64
 }  // namespace
 
 #if defined(BITNET158_X86)
-}  // namespace bitnet158
-#include <immintrin.h>
-namespace bitnet158 {
 namespace {
 
 #define BITNET158_AVX512_VBMI \
