@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,20 @@ from .errors import ConfigError
 
 ACTIVATIONS = ("relu2", "silu")
 NORM_KINDS = ("rmsnorm", "layernorm")
+# The native engine's limits (native/module.cpp): int32 sums stay exact up to 2^22 columns,
+# token ids and positions are int32. A config beyond them is refused before anything is sized
+# by it (a file declaring 2^40 layers must not make the loader loop or allocate).
+MAX_WIDTH = 1 << 22
+MAX_LAYERS = 1 << 16
+MAX_INT32 = 2**31 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 @dataclass
@@ -48,25 +63,50 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.head_dim:
+        if not self.head_dim and _is_int(self.hidden_size) and _is_int(self.num_heads):
             self.head_dim = self.hidden_size // max(self.num_heads, 1)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError if the fields contradict each other."""
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
+        """Raise ConfigError if a field has the wrong type, is out of range, or contradicts
+        another (configs come from files: every field is checked, not trusted)."""
+        limits = {
+            "vocab_size": MAX_INT32,
+            "hidden_size": MAX_WIDTH,
+            "intermediate_size": MAX_WIDTH,
+            "num_layers": MAX_LAYERS,
+            "num_heads": MAX_WIDTH,
+            "num_kv_heads": MAX_WIDTH,
+            "head_dim": MAX_WIDTH,
+            "max_position_embeddings": MAX_INT32,
+        }
+        for name, limit in limits.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+            if not _is_int(value) or not 0 < value <= limit:
+                raise ConfigError(
+                    f"config field {name} must be an integer in 1..{limit}, got {value!r}"
+                )
+        if self.q_size > MAX_WIDTH:
+            raise ConfigError(
+                f"num_heads * head_dim = {self.q_size} exceeds the supported maximum {MAX_WIDTH}"
+            )
+        for name in ("rms_norm_eps", "inner_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0 or (name == "rope_theta" and value == 0):
+                raise ConfigError(f"config field {name} must be a positive number, got {value!r}")
+        for name in ("subln", "inner_norm", "norm_affine", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name} must be true or false, got {getattr(self, name)!r}")  # fmt: skip
+        if not isinstance(self.family, str):
+            raise ConfigError(f"config field family must be a string, got {self.family!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise ConfigError(f"config field {name} must be an integer or null, got {value!r}")
+        if not isinstance(self.eos_token_ids, list) or not all(map(_is_int, self.eos_token_ids)):
+            raise ConfigError(
+                f"config field eos_token_ids must be a list of integers, got {self.eos_token_ids!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -94,6 +134,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a ModelConfig is a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -105,6 +147,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
+        if not isinstance(text, str):
+            raise ConfigError(f"a ModelConfig is JSON text, got {type(text).__name__}")
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:

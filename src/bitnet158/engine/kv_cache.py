@@ -44,8 +44,15 @@ class KVCache:
         if max_context < 1 or slots < 1:
             raise GenerationError("a KV cache needs max_context >= 1 and slots >= 1")
         shape = (slots, num_layers, num_kv_heads, max_context, head_dim)
-        self.k = aligned_zeros(shape, dtype)
-        self.v = aligned_zeros(shape, dtype)
+        try:
+            self.k = aligned_zeros(shape, dtype)
+            self.v = aligned_zeros(shape, dtype)
+        except (MemoryError, ValueError):  # ValueError: numpy's size limit
+            gib = 2 * math.prod(shape) * np.dtype(dtype).itemsize / 2**30
+            raise GenerationError(
+                f"a KV cache of {slots} x {max_context} tokens needs {gib:.3g} GiB, more than "
+                "this machine can allocate: load the model with a smaller max_context"
+            ) from None
         self.lengths = np.zeros(slots, dtype=np.int64)
 
     @property

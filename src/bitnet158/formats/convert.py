@@ -56,7 +56,11 @@ def _hf_tokenizer(directory: Path) -> tuple[str, str | None]:
     tok_file = directory / "tokenizer.json"
     if not tok_file.is_file():
         raise FormatError(f"{tok_file}: missing (bitnet158 reads tokenizers from tokenizer.json)")
-    return tok_file.read_text(encoding="utf-8"), read_chat_template(directory)
+    try:
+        text = tok_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{tok_file}: cannot read it as UTF-8 text ({exc})") from None
+    return text, read_chat_template(directory)
 
 
 def source_kind(path: str | os.PathLike | None) -> str:

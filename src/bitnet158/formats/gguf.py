@@ -543,7 +543,7 @@ def load_gguf(
     """A BitNet GGUF file (llama.cpp `bitnet` / ternary `llama`, bitnet.cpp) as our checkpoint."""
     f = read_gguf(path)
     arch = f.metadata.get("general.architecture")
-    if arch not in (BITNET_ARCH, LLAMA_ARCH, *BITNET_CPP_ARCHS):
+    if not isinstance(arch, str) or arch not in (BITNET_ARCH, LLAMA_ARCH, *BITNET_CPP_ARCHS):
         raise FormatError(
             f"{f.path}: GGUF architecture {arch!r} is not a BitNet one; bitnet158 reads "
             f"'{BITNET_ARCH}' and ternary '{LLAMA_ARCH}' (llama.cpp), and "

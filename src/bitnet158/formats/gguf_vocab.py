@@ -112,7 +112,7 @@ def tokenizer_json_from_gguf(metadata: dict[str, Any], where: str) -> str:
     fallback (`llama`: Llama 2, 1bitLLM) vocabularies.
     """
     model = metadata.get("tokenizer.ggml.model")
-    if model not in ("gpt2", "llama"):
+    if not isinstance(model, str) or model not in ("gpt2", "llama"):
         raise FormatError(
             f"{where}: GGUF tokenizer model {model!r} is not supported (bitnet158 rebuilds "
             "'gpt2' byte-level BPE and 'llama' SentencePiece vocabularies)"
@@ -152,14 +152,19 @@ def tokenizer_json_from_gguf(metadata: dict[str, Any], where: str) -> str:
                 raise FormatError(f"{where}: tokenizer merge {m!r} does not join two tokens")
             pairs.append([a, b])
         pre = metadata.get("tokenizer.ggml.pre", "default")
+        if not isinstance(pre, str):
+            raise FormatError(f"{where}: tokenizer.ggml.pre is not a string")
         spec["pre_tokenizer"] = _pre_tokenizer_json(pre, where)
         spec["decoder"] = _byte_level(True)
         # Llama 3's tokenizer.json ignores merges for whole-vocabulary words, as llama.cpp does
         spec["model"] = _bpe_model(vocab, pairs, ignore_merges=pre in LLAMA3_PRES)
     else:
         scores = metadata.get("tokenizer.ggml.scores")
-        if scores is None or np.shape(scores) != (len(tokens),):
-            raise FormatError(f"{where}: tokenizer.ggml.scores is missing or the wrong size")
+        numeric = isinstance(scores, np.ndarray) and scores.dtype.kind in "fiu"
+        if not numeric or scores.shape != (len(tokens),):
+            raise FormatError(
+                f"{where}: tokenizer.ggml.scores is missing, not numbers or the wrong size"
+            )
         unknown = [t for t, k in zip(tokens, types, strict=True) if k == TOKEN_UNKNOWN]
         # SentencePiece: spaces are "▁"; llama.cpp adds one before the text unless told not to
         prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
@@ -197,9 +202,10 @@ def tokenizer_json_from_gguf(metadata: dict[str, Any], where: str) -> str:
 def _bos_post_processor(metadata: dict[str, Any], tokens: list[str]) -> dict | None:
     """Prepend BOS on encode(add_special_tokens=True) when llama.cpp would (add_bos_token)."""
     bos = metadata.get("tokenizer.ggml.bos_token_id")
-    if not metadata.get("tokenizer.ggml.add_bos_token") or bos is None or bos >= len(tokens):
+    if metadata.get("tokenizer.ggml.add_bos_token") is not True:
         return None
-    bos = int(bos)
+    if not isinstance(bos, int) or isinstance(bos, bool) or not 0 <= bos < len(tokens):
+        return None
     special = {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}
     first = {"SpecialToken": {"id": tokens[bos], "type_id": 0}}
     return {

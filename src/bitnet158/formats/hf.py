@@ -156,7 +156,7 @@ class _Checkpoint:
                 dtype = str(info["dtype"])
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (start + int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise FormatError(
                     f"{file}: tensor {name}: malformed header entry ({exc!r})"
                 ) from None
@@ -202,6 +202,12 @@ def _weight_files(directory: Path) -> tuple[list[Path], Path]:
             shards = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        for shard in shards:  # a file of this directory: not a path that leaves it
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise FormatError(
+                    f"{index}: shard {shard!r} is not a file name in {directory} (the weight map "
+                    "may name only files next to the index)"
+                )
         files = [directory / shard for shard in shards]
         for f in files:
             if not f.is_file():
@@ -248,7 +254,7 @@ def _identify(cj: dict[str, Any], path: Path | str) -> _Family:
 
 def _quant_config(cj: dict[str, Any], path: Path | str) -> dict[str, Any]:
     """quantization_config if it is transformers' BitNet one, else {}; rejects what we cannot run."""
-    qc = cj.get("quantization_config") or {}
+    qc = _mapping(cj, path, "quantization_config")
     if not qc:
         return {}
     if qc.get("quant_method") != "bitnet":
@@ -272,10 +278,31 @@ def _require(cj: dict[str, Any], path: Path | str, *keys: str) -> list[int]:
     values = []
     for key in keys:
         value = cj.get(key)
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not isinstance(value, int) or isinstance(value, bool) or abs(value) >= 2**63:
             raise FormatError(f"{path}: config field {key!r} is missing or not an integer")
         values.append(value)
     return values
+
+
+def _number(cj: dict[str, Any], path: Path | str, key: str, default: Any, integer: bool = False):
+    """Config field `key` as a finite number (`default` when absent or null), or FormatError:
+    a string, list or non-finite value where a number belongs is a corrupt config."""
+    value = cj.get(key)
+    if value is None:
+        return default
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool) or not finite or (integer and value != int(value)):
+        kind = "an integer" if integer else "a number"
+        raise FormatError(f"{path}: config field {key!r} = {value!r} is not {kind}")
+    return int(value) if integer else float(value)
+
+
+def _mapping(cj: dict[str, Any], path: Path | str, key: str) -> dict[str, Any]:
+    """Config field `key` as a JSON object ({} when absent or null)."""
+    value = cj.get(key) or {}
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: config field {key!r} must be a JSON object, got {value!r}")
+    return value
 
 
 def _eos_list(value: Any) -> list[int]:
@@ -286,12 +313,12 @@ def _eos_list(value: Any) -> list[int]:
 
 
 def _rope_theta(cj: dict[str, Any], path: Path | str, default: float) -> float:
-    scaling = cj.get("rope_scaling")
-    params = cj.get("rope_parameters") or {}  # transformers v5 folds theta and scaling in here
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or params.get("rope_type")
+    scaling = _mapping(cj, path, "rope_scaling")
+    params = _mapping(cj, path, "rope_parameters")  # transformers v5 folds theta and scaling in
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type")
     if kind not in (None, "default"):
         raise FormatError(f"{path}: RoPE scaling {kind!r} is not supported (plain RoPE only)")
-    return float(cj.get("rope_theta", params.get("rope_theta", default)))
+    return _number(cj, path, "rope_theta", _number(params, path, "rope_theta", default))
 
 
 def _llama_config(cj: dict[str, Any], path: Path | str, family: _Family) -> dict[str, Any]:
@@ -315,9 +342,9 @@ def _llama_config(cj: dict[str, Any], path: Path | str, family: _Family) -> dict
         "head_dim": cj.get("head_dim") or 0,
         "hidden_act": act,
         "subln": family.name != "llama",
-        "rms_norm_eps": float(cj.get("rms_norm_eps", 1e-5 if family.name != "llama" else 1e-6)),
+        "rms_norm_eps": _number(cj, path, "rms_norm_eps", 1e-5 if family.name != "llama" else 1e-6),
         "rope_theta": _rope_theta(cj, path, 500000.0 if family.name == "bitnet-2b4t" else 10000.0),
-        "max_position_embeddings": int(cj.get("max_position_embeddings", 2048)),
+        "max_position_embeddings": _number(cj, path, "max_position_embeddings", 2048, integer=True),
         # BitNetConfig and LlamaConfig both default to untied; 2B-4T and 1bitLLM set it true.
         "tie_word_embeddings": bool(cj.get("tie_word_embeddings", False)),
     }
@@ -354,14 +381,16 @@ def _olmo_config(cj: dict[str, Any], path: Path | str) -> dict[str, Any]:
         raise FormatError(f"{path}: OLMo layer norms with a bias are not supported")
     norm_type = cj.get("layer_norm_type", "default")
     kinds = {"rms": "rmsnorm", "default": "layernorm", "low_precision": "layernorm"}
-    if norm_type not in kinds:
+    if not isinstance(norm_type, str) or norm_type not in kinds:
         raise FormatError(f"{path}: OLMo layer_norm_type {norm_type!r} is not supported")
     if cj.get("multi_query_attention"):
         kv_heads = 1
     else:
         kv_heads = cj.get("n_kv_heads") or heads
-    mlp_hidden = cj.get("mlp_hidden_size") or cj.get("mlp_ratio", 4) * d
-    eps = float(cj.get("layer_norm_eps") or 1e-5)
+    mlp_hidden = _number(cj, path, "mlp_hidden_size", 0, integer=True) or (
+        _number(cj, path, "mlp_ratio", 4) * d
+    )
+    eps = _number(cj, path, "layer_norm_eps", 0.0) or 1e-5
     return {
         "vocab_size": vocab,
         "hidden_size": d,
@@ -376,8 +405,8 @@ def _olmo_config(cj: dict[str, Any], path: Path | str) -> dict[str, Any]:
         "norm_kind": kinds[norm_type],
         "norm_affine": affine,
         "rms_norm_eps": eps,
-        "rope_theta": float(cj.get("rope_theta", 10000.0)),
-        "max_position_embeddings": int(cj.get("max_sequence_length", 2048)),
+        "rope_theta": _number(cj, path, "rope_theta", 10000.0),
+        "max_position_embeddings": _number(cj, path, "max_sequence_length", 2048, integer=True),
         "tie_word_embeddings": bool(cj.get("weight_tying", True)),
     }
 

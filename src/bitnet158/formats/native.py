@@ -160,6 +160,11 @@ def unpack_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[
 
 
 def _check_names(config: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
+    if config.num_layers * len(PROJECTIONS) > len(tensors):  # before sizing anything by it
+        raise FormatError(
+            f"{where}: the config declares {config.num_layers} layers but there are only "
+            f"{len(tensors)} tensors"
+        )
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -269,7 +274,7 @@ def _tensor_views(path: Path, buf: np.ndarray, header: dict, start: int) -> dict
             dtype = _DTYPES[info["dtype"]]
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise FormatError(f"{path}: tensor {name}: malformed header entry ({exc!r})") from None
         if any(d < 0 for d in shape) or not 0 <= begin <= end:
             raise FormatError(f"{path}: tensor {name}: bad shape {list(shape)} or offsets")
@@ -302,7 +307,9 @@ def load_native(path: str | os.PathLike) -> NativeCheckpoint:
     buf = np.memmap(path, dtype=np.uint8, mode="r")  # tensors are views: nothing is copied
     header, start = _read_header(path, buf)
     meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: the safetensors __metadata__ is not a JSON object")
+    if meta.get("format") != FORMAT:
         raise FormatError(
             f"{path}: not a bitnet158 file (metadata format is {meta.get('format')!r} "
             f"if any); convert it first with `bitnet158 convert`"
@@ -314,6 +321,9 @@ def load_native(path: str | os.PathLike) -> NativeCheckpoint:
         )
     if "tokenizer" not in meta or "config" not in meta:
         raise FormatError(f"{path}: the metadata lacks the config or the tokenizer")
+    for key in ("config", "tokenizer", "chat_template", "source"):  # safetensors: all strings
+        if key in meta and not isinstance(meta[key], str):
+            raise FormatError(f"{path}: metadata {key} is not a string")
     try:
         config = ModelConfig.from_json(meta["config"])
     except ConfigError as exc:

@@ -74,8 +74,22 @@ def _template_text(value: Any) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+        named = {
+            t.get("name"): t["template"]
+            for t in value
+            if isinstance(t, Mapping) and isinstance(t.get("template"), str)
+            and isinstance(t.get("name"), (str, type(None)))
+        }  # fmt: skip
         return named.get("default") or next(iter(named.values()), None)
+    return None
+
+
+def _token_of(backend: tokenizers.Tokenizer, token_id: Any) -> str | None:
+    """The token of an id a config names, or None for an id outside the vocabulary (configs
+    carry -1 and other ids the tokenizer does not have)."""
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < size:
+        return backend.id_to_token(token_id)
     return None
 
 
@@ -84,7 +98,10 @@ def read_chat_template(directory: Path) -> str | None:
     apart), else tokenizer_config.json's `chat_template`, else None."""
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FormatError(f"{jinja_file}: cannot read it as UTF-8 text ({exc})") from None
     config_file = directory / "tokenizer_config.json"
     return (
         _template_text(_read_json(config_file).get("chat_template"))
@@ -104,11 +121,31 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
+class _ChatSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """transformers' sandbox for chat templates, with `*` and `**` bounded: a template comes
+    with the model file, and `'a' * 10**10` or `9**9**9` would exhaust memory or hang the
+    process on every request (jinja2 documents intercepted_binops for this)."""
+
+    intercepted_binops = frozenset(["*", "**"])
+    max_result = 1_000_000  # items of a repeated string/list, bits of a power
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if abs(left) > 1 and right * max(abs(left).bit_length(), 1) > self.max_result:
+                raise jinja2.sandbox.SecurityError(f"{left} ** {right} is too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    if len(seq) * n > self.max_result:
+                        raise jinja2.sandbox.SecurityError("a repeated sequence is too long")
+        return super().call_binop(context, operator, left, right)
+
+
 def compile_chat_template(template: str) -> jinja2.Template:
     """A chat template compiled as transformers compiles it, in jinja2's immutable sandbox."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    if not isinstance(template, str):
+        raise FormatError(f"the chat template is not text (got {type(template).__name__})")
+    env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -174,8 +211,8 @@ class Tokenizer:
             raise FormatError(
                 f"{where or 'tokenizer.json'}: the tokenizer cannot be loaded ({exc})"
             ) from None
-        bos = backend.id_to_token(config.bos_token_id) if config.bos_token_id is not None else None
-        eos = backend.id_to_token(config.eos_token_ids[0]) if config.eos_token_ids else None
+        bos = _token_of(backend, config.bos_token_id)
+        eos = _token_of(backend, config.eos_token_ids[0]) if config.eos_token_ids else None
         return cls(backend, bos_token=bos, eos_token=eos, chat_template=chat_template,
                    extra_eos_ids=config.eos_token_ids)  # fmt: skip
 
@@ -210,8 +247,8 @@ class Tokenizer:
             for cfg in (gen_cfg, model_cfg):
                 value = cfg.get(key)
                 value = value[0] if isinstance(value, list) and value else value
-                if isinstance(value, int) and backend.id_to_token(value) is not None:
-                    return backend.id_to_token(value)
+                if _token_of(backend, value) is not None:
+                    return _token_of(backend, value)
             return None
 
         extra_eos = []
@@ -309,8 +346,10 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 **variables,
             )
-        except jinja2.exceptions.TemplateError as exc:  # raise_exception() or a render error
-            raise GenerationError(f"chat template: {exc}") from None
+        except Exception as exc:  # the template is the model file's code: whatever it raises
+            # (raise_exception(), 1/0, a sandbox refusal, a type error) is the file's fault
+            what = "" if isinstance(exc, jinja2.exceptions.TemplateError) else f"{type(exc).__name__}: "  # fmt: skip
+            raise GenerationError(f"chat template: {what}{exc}") from None
 
     # --- streaming --------------------------------------------------------------------------
 
