@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -186,6 +187,15 @@ def test_our_metadata_of_the_wrong_type(tiny_native, tmp_path, change, message):
         load_native(_write(tmp_path / "bad.safetensors", header, payload))
 
 
+@pytest.mark.parametrize("dtype", [{"F32": 1}, ["F32"], None, 4])
+def test_our_tensor_entry_with_a_dtype_that_is_not_a_name(tiny_native, tmp_path, dtype):
+    """native target: {"dtype": {...}} (`in dict` of a dict: TypeError)."""
+    header, payload = _header_and_payload(tiny_native)
+    header["embed.weight"]["dtype"] = dtype
+    with pytest.raises(FormatError, match="embed.weight: unsupported or missing dtype"):
+        load_native(_write(tmp_path / "bad.safetensors", header, payload))
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -312,6 +322,27 @@ def test_chat_templates_that_fail_when_rendered(template, message):
     assert time.monotonic() - start < 2.0
     ok = Tokenizer.from_json(tokenizer_json(), chat_template=CHAT_TEMPLATE)
     assert "hi" in ok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_tokenizer_with_a_token_id_near_2_to_the_31(tmp_path):
+    """native target: a vocabulary id 2^31 - 1. Serializing the tokenizer (which guessing the
+    BOS token did) made `tokenizers` fill the id range, and abort the process when that 8 GiB
+    allocation failed. Run in a child with 2 GiB of address space, so an abort fails the test
+    instead of the test run."""
+    spec = json.loads(tokenizer_json())
+    spec["model"]["vocab"]["T"] = 2**31 - 1
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+        "from bitnet158.formats.tokenizer import Tokenizer; "
+        "tok = Tokenizer.from_json(open(sys.argv[1]).read()); "
+        "print(tok.encode('ROMEO T', add_bos=False), tok.bos_token)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("None")
 
 
 def test_chat_template_that_is_not_text(tmp_path):

@@ -268,7 +268,8 @@ def _tensor_views(path: Path, buf: np.ndarray, header: dict, start: int) -> dict
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+        dtype_name = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
             raise FormatError(f"{path}: tensor {name}: unsupported or missing dtype")
         try:
             dtype = _DTYPES[info["dtype"]]

@@ -270,9 +270,15 @@ class Tokenizer:
 
     def _guess_bos(self) -> str | None:
         """The special token tokenizer.json's post-processor puts first, if it is a template."""
+        # The post-processor alone: serializing the whole tokenizer (to_str) walks the vocabulary
+        # up to its largest id, and a file with an id near 2^32 made tokenizers abort the
+        # process on a 4 GiB allocation.
+        processor = self.backend.post_processor
+        if processor is None:
+            return None
         try:
-            post = json.loads(self.backend.to_str()).get("post_processor") or {}
-        except ValueError:
+            post = json.loads(processor.__getstate__())
+        except (ValueError, TypeError):
             return None
         processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
         for proc in processors:
