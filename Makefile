@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 BUILD_DEPS := "scikit-build-core>=0.10" "nanobind>=2.0"
 
-.PHONY: run test install install-test install-browser install-bench bench lint shipped-model clean
+.PHONY: run test install install-test install-browser install-bench bench lint shipped-model fuzz clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,27 @@ soak: install-test
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+# Not a test: every fuzz target (tests/fuzz: GGUF reader, our file, Hugging Face checkpoints,
+# the server's requests) for FUZZ_SECONDS each, coverage-guided by atheris (libFuzzer). The
+# corpora grow in build/fuzz/corpus (kept between runs); a crashing input is written to
+# build/fuzz/crashes and stops the run (log: build/fuzz/<target>.log). `make test` runs a
+# short smoke of the same targets (tests/fuzz/test_fuzz_smoke.py).
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= gguf native hf serve
+FUZZ_DIR := build/fuzz
+fuzz: install-test
+	$(PY) tests/fuzz/fuzz_corpus.py $(FUZZ_DIR)/seeds $(FUZZ_TARGETS)
+	@mkdir -p $(FUZZ_DIR)/crashes
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_DIR)/corpus/$$t; \
+		echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
+		$(PY) tests/fuzz/run_fuzz.py $$t $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/seeds/$$t \
+			-max_total_time=$(FUZZ_SECONDS) -timeout=60 -rss_limit_mb=8192 -print_final_stats=1 \
+			-artifact_prefix=$(FUZZ_DIR)/crashes/$$t- > $(FUZZ_DIR)/$$t.log 2>&1; \
+		status=$$?; grep -E "^(Done|stat::number_of_executed_units)" $(FUZZ_DIR)/$$t.log; \
+		if [ $$status -ne 0 ]; then tail -n 60 $(FUZZ_DIR)/$$t.log; exit 1; fi; \
+	done
 
 # Retrain the shipped model from scratch (documented in the README; ~40 min on 2 cores).
 shipped-model: install-test
