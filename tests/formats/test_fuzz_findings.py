@@ -137,6 +137,7 @@ def test_config_values_of_the_wrong_type_or_size(key, value, message):
         ("max_sequence_length", "2048", "'max_sequence_length' = '2048' is not an integer"),
         ("rope_theta", [10000], "'rope_theta' = \\[10000\\] is not a number"),
         ("n_layers", 2**64, "'n_layers' is missing or not an integer"),
+        ("mlp_ratio", 1e308, "mlp_ratio \\* d_model = inf is not finite"),  # int(inf)
     ],
 )
 def test_olmo_config_values_of_the_wrong_type(key, value, message):

@@ -390,6 +390,8 @@ def _olmo_config(cj: dict[str, Any], path: Path | str) -> dict[str, Any]:
     mlp_hidden = _number(cj, path, "mlp_hidden_size", 0, integer=True) or (
         _number(cj, path, "mlp_ratio", 4) * d
     )
+    if isinstance(mlp_hidden, float) and not math.isfinite(mlp_hidden):  # ratio * d overflowed
+        raise FormatError(f"{path}: the MLP width mlp_ratio * d_model = {mlp_hidden} is not finite")
     eps = _number(cj, path, "layer_norm_eps", 0.0) or 1e-5
     return {
         "vocab_size": vocab,

@@ -71,7 +71,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0)  # numpy's generators take no negative seed
     user: str | None = None
     # Not implemented; accepted at their neutral values only.
     frequency_penalty: float | None = None
