@@ -123,7 +123,7 @@ class Model:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
         check_params(temperature, top_k, top_p, penalty)
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
             raise GenerationError(f"seed must be an integer >= 0 or None, got {seed!r}")
         if not ids:
             raise GenerationError("empty prompt: give at least one token")
