@@ -12,27 +12,17 @@ import sys
 
 import numpy as np
 import pytest
+from native_fixtures import exact_matmul
 
 from bitnet158 import _native, packing, quant
 
 ISAS = _native.available_isas()
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = _native.get_num_threads()
-    yield
-    _native.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=4)
 def weights(n, k):
     codes = np.random.default_rng(n * 7919 + k).integers(-1, 2, size=(n, k)).astype(np.int8)
     return codes, packing.pack_ours(codes)
-
-
-def exact_matmul(x_q, codes):
-    return (x_q.astype(np.float64) @ codes.astype(np.float64).T).astype(np.int32)
 
 
 def activations(t, k, seed=0):
