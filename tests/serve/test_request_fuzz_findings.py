@@ -31,3 +31,15 @@ def test_a_negative_seed_is_a_400_not_a_500(client, model, seed):
     assert ok.status_code == 200, ok.text  # any non-negative integer seeds numpy
     with pytest.raises(GenerationError, match="seed must be an integer >= 0"):
         model.generate("ROMEO:", max_new_tokens=1, seed=seed)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45])
+def test_a_tiny_temperature_is_greedy_not_a_500(client, model, temperature):
+    """serve target: {"temperature": 1e-300} was 0 in float32, the sampling distribution NaN,
+    the sampled id past the vocabulary, and the request a 500 "generation failed"."""
+    body = {"prompt": "ROMEO:", "max_tokens": 4, "temperature": temperature, "top_p": 0.9}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    greedy = model.generate("ROMEO:", max_new_tokens=4, temperature=0)
+    assert r.json()["choices"][0]["text"] == greedy
+    assert model.generate("ROMEO:", max_new_tokens=4, temperature=temperature, seed=1) == greedy
