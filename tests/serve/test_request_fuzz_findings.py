@@ -43,3 +43,17 @@ def test_a_tiny_temperature_is_greedy_not_a_500(client, model, temperature):
     greedy = model.generate("ROMEO:", max_new_tokens=4, temperature=0)
     assert r.json()["choices"][0]["text"] == greedy
     assert model.generate("ROMEO:", max_new_tokens=4, temperature=temperature, seed=1) == greedy
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-40, 1e300])
+def test_an_extreme_repetition_penalty_is_not_a_500(client, model, penalty):
+    """serve target: {"prompt": [[5], [1]], "repetition_penalty": 1e-300}: a positive logit
+    divided by it was +inf, inf - inf made the sampling distribution NaN: HTTP 500."""
+    body = {"prompt": [[5], [1]], "max_tokens": 3, "repetition_penalty": penalty, "seed": 0}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert [c["finish_reason"] in ("length", "stop") for c in r.json()["choices"]] == [True] * 2
+    for temperature in (0, 1.0):
+        text = model.generate([5], max_new_tokens=3, temperature=temperature,
+                              repetition_penalty=penalty, seed=0)  # fmt: skip
+        assert isinstance(text, str)

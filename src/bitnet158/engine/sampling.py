@@ -34,7 +34,12 @@ def repetition_penalty(logits: np.ndarray, previous: Iterable[int], penalty: flo
         return logits
     logits = logits.copy()
     seen = logits[ids]
-    logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    with np.errstate(over="ignore"):
+        penalized = np.where(seen > 0, seen / penalty, seen * penalty)
+    # A tiny penalty (1e-300) overflows a positive logit to +inf, and inf - inf made the
+    # sampling distribution NaN (found by fuzzing the server): keep +-inf out, at float32's max.
+    big = float(np.finfo(np.float32).max)  # probabilities() works in float32
+    logits[ids] = np.clip(penalized, -big, big)
     return logits
 
 
