@@ -34,7 +34,7 @@ def repetition_penalty(logits: np.ndarray, previous: Iterable[int], penalty: flo
         return logits
     logits = logits.copy()
     seen = logits[ids]
-    with np.errstate(over="ignore"):
+    with np.errstate(all="ignore"):  # 1e-300 is 0 in float32: x / 0 = inf, clipped below
         penalized = np.where(seen > 0, seen / penalty, seen * penalty)
     # A tiny penalty (1e-300) overflows a positive logit to +inf, and inf - inf made the
     # sampling distribution NaN (found by fuzzing the server): keep +-inf out, at float32's max.
