@@ -145,15 +145,24 @@ def test_olmo_config_values_of_the_wrong_type(key, value, message):
         config_from_hf({**olmo_config_json(), key: value}, "config.json")
 
 
-@pytest.mark.parametrize("shard", ["../escape.safetensors", "/etc/passwd", "sub/x.safetensors", 5])
-def test_index_shards_must_be_files_of_the_directory(olmo_dir, tmp_path, shard):
+@pytest.mark.parametrize(
+    "shard, message",
+    [
+        ("../escape.safetensors", "is not a file name in"),
+        ("/etc/passwd", "is not a file name in"),
+        ("sub/x.safetensors", "is not a file name in"),
+        (5, "is not a file name in"),
+        ("x" * 5000, "shard x+ is missing"),  # os.stat: OSError, file name too long
+    ],
+)
+def test_index_shards_must_be_files_of_the_directory(olmo_dir, tmp_path, shard, message):
     directory = tmp_path / "sharded"
     directory.mkdir()
     (directory / "config.json").write_bytes((olmo_dir / "config.json").read_bytes())
     (tmp_path / "escape.safetensors").write_bytes((olmo_dir / "model.safetensors").read_bytes())
     index = {"weight_map": {"model.transformer.wte.weight": shard}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(FormatError, match="is not a file name in"):
+    with pytest.raises(FormatError, match=message):
         load_hf_checkpoint(directory)
 
 

@@ -210,8 +210,12 @@ def _weight_files(directory: Path) -> tuple[list[Path], Path]:
                 )
         files = [directory / shard for shard in shards]
         for f in files:
-            if not f.is_file():
-                raise FormatError(f"{index}: shard {f.name} is missing from {directory}")
+            try:
+                present = f.is_file()
+            except OSError:  # a name the file system refuses (too long)
+                present = False
+            if not present:
+                raise FormatError(f"{index}: shard {f.name[:100]} is missing from {directory}")
         return files, index
     single = directory / "model.safetensors"
     if single.is_file():
