@@ -99,7 +99,8 @@ def _mutate_safetensors(content: bytes, rng: random.Random, header_only: bool = 
     if isinstance(meta, dict) and rng.random() < 0.5:
         key = rng.choice([k for k in ("config", "tokenizer", "chat_template") if k in meta] or ["config"])  # fmt: skip
         inner = meta.get(key)
-        mutated = _mutate_json_bytes(inner.encode(), rng) if isinstance(inner, str) else None
+        text = inner.encode("utf-8", "surrogatepass") if isinstance(inner, str) else None
+        mutated = _mutate_json_bytes(text, rng) if text is not None else None
         meta[key] = mutated.decode("utf-8", "surrogatepass") if mutated else rng.choice(EXTREMES)
     else:
         doc = mutate_json(doc, rng)
