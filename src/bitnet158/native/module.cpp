@@ -21,6 +21,7 @@
 #include "dispatch.h"
 #include "forward.h"
 #include "kernels.h"
+#include "kernels_tq1.h"
 #include "threadpool.h"
 
 namespace nb = nanobind;
@@ -85,8 +86,12 @@ void check_dims(int64_t n, int64_t k) {
                 .c_str());
 }
 
-void check_packed(const Arr& packed, int64_t n, int64_t k, const char* what) {
-    const int64_t groups = (n + kRows - 1) / kRows, kpad = (k + kBlock - 1) / kBlock * kBlock;
+// Packed ternary weights [n, k]: groups of kRows rows, `group_bytes` per group (the 2-bit
+// layout's by default: k padded to kBlock).
+void check_packed(const Arr& packed, int64_t n, int64_t k, const char* what,
+                  int64_t group_bytes = 0) {
+    const int64_t groups = (n + kRows - 1) / kRows;
+    const int64_t kpad = group_bytes ? group_bytes : (k + kBlock - 1) / kBlock * kBlock;
     if (int64_t(packed.shape(0)) != groups || int64_t(packed.shape(1)) != kpad)
         throw nb::value_error((std::string(what) + " (weights for n=" + std::to_string(n) +
                                ", k=" + std::to_string(k) + ") must have shape (" +
@@ -487,7 +492,6 @@ private:
 
 }  // namespace
 
-namespace bitnet158 { void bind_tq1(nb::module_& m); }  // module_tq1.cpp: the 1.6-bit GEMM
 
 NB_MODULE(_native, m) {
     m.doc() = "bitnet158 native kernels: ternary GEMM over the packed layout of packing.py";
@@ -557,6 +561,36 @@ NB_MODULE(_native, m) {
         "x_q"_a.noconvert(), "packed"_a.noconvert(), "n"_a, "k"_a, "isa"_a = nb::none(),
         "Exact dot products x_q int8[T, k] . W^T -> int32[T, n], W ternary [n, k] packed by "
         "packing.pack_ours (uint8[ceil(n/4), ceil(k/256)*256]).");
+
+    m.def(
+        "ternary_gemm_tq1_i32",
+        [](Arr x_q, Arr packed, int64_t n, int64_t k, std::optional<std::string> isa) {
+            const Isa use = pick_isa(isa);
+            const int8_t* xd = typed<int8_t>(x_q, 2, "x_q");
+            const uint8_t* wd = typed<uint8_t>(packed, 2, "packed");
+            check_dims(n, k);
+            check_k(x_q, k, "x_q");
+            check_packed(packed, n, k, "packed (1.6-bit weights)", tq1_group_bytes(k));
+            const int64_t T = x_q.shape(0);
+            int32_t* out;
+            auto arr = new_array<int32_t>({size_t(T), size_t(n)}, &out);
+            {
+                nb::gil_scoped_release release;
+                ternary_gemm_tq1_i32(xd, T, k, wd, n, out, use);
+            }
+            return arr;
+        },
+        "x_q"_a.noconvert(), "packed"_a.noconvert(), "n"_a, "k"_a, "isa"_a = nb::none(),
+        "Exact dot products x_q int8[T, k] . W^T -> int32[T, n], W ternary [n, k] packed by "
+        "packing.pack_ours_tq1 (uint8[ceil(n/4), 256*ceil(k/320)], 5 trits per byte). isa avx512 "
+        "runs the AVX-512 VBMI kernel where the CPU has VBMI; avx2 and scalar run the portable "
+        "kernel (see tq1_kernel).");
+
+    m.def(
+        "tq1_kernel",
+        [](std::optional<std::string> isa) { return std::string(tq1_kernel_name(pick_isa(isa))); },
+        "isa"_a = nb::none(),
+        "The kernel ternary_gemm_tq1_i32 runs for this ISA: 'avx512' or 'scalar'.");
 
     m.def(
         "bitlinear",
@@ -669,5 +703,4 @@ NB_MODULE(_native, m) {
         "buf"_a.noconvert(),
         "Read every byte of buf with the kernels' threads (a memory read bandwidth probe); "
         "returns a checksum.");
-    bind_tq1(m);
 }
