@@ -123,7 +123,7 @@ def write_fp16_llama_gguf(cfg: ModelConfig, path: Path, tokenizer_json: str, see
     norms), written tensor by tensor so that memory stays at one tensor."""
     import gguf
 
-    from ..formats.gguf import _write_metadata
+    from ..formats.gguf import write_metadata
     from ..formats.gguf_vocab import vocab_from_tokenizer_json
 
     rng = np.random.default_rng(seed)
@@ -148,7 +148,7 @@ def write_fp16_llama_gguf(cfg: ModelConfig, path: Path, tokenizer_json: str, see
     w = gguf.GGUFWriter(tmp, "llama")
     ckpt = SimpleNamespace(path=path, chat_template=None)
     vocab = vocab_from_tokenizer_json(tokenizer_json, cfg.vocab_size)
-    _write_metadata(w, gguf, cfg, ckpt, vocab, file_type=1)  # 1: llama_ftype MOSTLY_F16
+    write_metadata(w, gguf, cfg, ckpt, vocab, file_type=1)  # 1: llama_ftype MOSTLY_F16
     for name, shape in shapes:
         dtype = np.float32 if len(shape) == 1 else np.float16
         w.add_tensor_info(name, shape, np.dtype(dtype), math.prod(shape) * np.dtype(dtype).itemsize)

@@ -200,10 +200,10 @@ def output_summary(dst: Path, ckpt: NativeCheckpoint, to: str) -> dict:
         )
         total = dst.stat().st_size
     elif to.startswith("hf"):
-        from .native import _read_header
+        from .native import read_header
 
         file = dst / "model.safetensors"
-        header, _ = _read_header(file, np.memmap(file, dtype=np.uint8, mode="r"))
+        header, _ = read_header(file, np.memmap(file, dtype=np.uint8, mode="r"))
         names = [n for n in header if n != "__metadata__"]
         ternary_bytes = sum(
             int(np.diff(header[n]["data_offsets"])[0])

@@ -632,7 +632,7 @@ def write_gguf(
     tmp = temporary_sibling(path)
     try:
         w = gguf.GGUFWriter(tmp, arch)
-        _write_metadata(w, gguf, cfg, ckpt, vocab, FILE_TYPES[qtype])
+        write_metadata(w, gguf, cfg, ckpt, vocab, FILE_TYPES[qtype])
         _add_matrix(w, gguf, "token_embd.weight", tensors["embed.weight"], embedding_type)
         if not cfg.tie_word_embeddings:
             _add_matrix(w, gguf, "output.weight", tensors["lm_head.weight"], embedding_type)
@@ -679,7 +679,7 @@ def _add_matrix(w, gguf, name: str, value: np.ndarray, kind: str) -> None:
         w.add_tensor(name, value.astype({"f16": np.float16, "f32": np.float32}[kind], copy=False))
 
 
-def _write_metadata(w, gguf, cfg: ModelConfig, ckpt: NativeCheckpoint, vocab: GGUFVocab, file_type: int) -> None:  # fmt: skip
+def write_metadata(w, gguf, cfg: ModelConfig, ckpt: NativeCheckpoint, vocab: GGUFVocab, file_type: int) -> None:  # fmt: skip
     """The keys llama.cpp's model loader and vocabulary read (names as gguf-py writes them)."""
     name = Path(str(ckpt.path)).stem if ckpt.path else "bitnet158"
     w.add_name(name)

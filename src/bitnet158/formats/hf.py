@@ -35,7 +35,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
 from ..packing import unpack_hf
 from ..quant import quantize_weights
-from .native import _read_header, bf16_to_float32, projection_shapes
+from .native import bf16_to_float32, projection_shapes, read_header
 
 # --- name tables: foreign name -> canonical name -------------------------------------------------
 # "{i}" is the layer index. A canonical name ending in ".weight" is a float tensor; otherwise the
@@ -146,7 +146,7 @@ class _Checkpoint:
             buf = np.memmap(file, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as exc:  # ValueError: empty file
             raise FormatError(f"{file}: cannot read the safetensors file ({exc})") from None
-        header, start = _read_header(file, buf)
+        header, start = read_header(file, buf)
         size = buf.size
         out: dict[str, _Entry] = {}
         for name, info in header.items():

@@ -241,7 +241,7 @@ def save_native(
     return path
 
 
-def _read_header(path: Path, buf: np.ndarray) -> tuple[dict, int]:
+def read_header(path: Path, buf: np.ndarray) -> tuple[dict, int]:
     """The parsed JSON header and the absolute offset of the payload."""
     if buf.size < 8:
         raise FormatError(f"{path}: {buf.size} bytes is too short for a safetensors file")
@@ -306,7 +306,7 @@ def load_native(path: str | os.PathLike) -> NativeCheckpoint:
     if path.stat().st_size == 0:
         raise FormatError(f"{path}: the file is empty")
     buf = np.memmap(path, dtype=np.uint8, mode="r")  # tensors are views: nothing is copied
-    header, start = _read_header(path, buf)
+    header, start = read_header(path, buf)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise FormatError(f"{path}: the safetensors __metadata__ is not a JSON object")
