@@ -129,24 +129,28 @@ class _FileTarget:
         os.replace(tmp, self.path)
         return self.path
 
+    def frame(self, header: bytes) -> bytes:
+        """A whole file around a fuzzed header (the format's framing, the real tensor data)."""
+        raise NotImplementedError
+
+    def __call__(self, data: bytes) -> None:
+        # An odd first byte: the rest is a header put before real tensor data; even: a whole file.
+        if not data:
+            return
+        content = self.frame(data[1:]) if data[0] % 2 else data[1:]
+        try:
+            use_model(self.write(content))
+        except ALLOWED:
+            pass
+
 
 class GGUFTarget(_FileTarget):
     def __init__(self) -> None:
         super().__init__(".gguf")
         self.header, self.tensor_data = gguf_split(shipped_gguf(self.dir))
 
-    def __call__(self, data: bytes) -> None:
-        if not data:
-            return
-        if data[0] % 2:
-            header = data[1:] + bytes(-(len(data) - 1) % GGUF_ALIGNMENT)
-            content = header + self.tensor_data
-        else:
-            content = data[1:]
-        try:
-            use_model(self.write(content))
-        except ALLOWED:
-            pass
+    def frame(self, header: bytes) -> bytes:
+        return header + bytes(-len(header) % GGUF_ALIGNMENT) + self.tensor_data
 
 
 class NativeTarget(_FileTarget):
@@ -154,18 +158,8 @@ class NativeTarget(_FileTarget):
         super().__init__(".safetensors")
         _, self.payload = native_split(SHIPPED_PATH)
 
-    def __call__(self, data: bytes) -> None:
-        if not data:
-            return
-        if data[0] % 2:
-            header = data[1:]
-            content = len(header).to_bytes(8, "little") + header + self.payload
-        else:
-            content = data[1:]
-        try:
-            use_model(self.write(content))
-        except ALLOWED:
-            pass
+    def frame(self, header: bytes) -> bytes:
+        return len(header).to_bytes(8, "little") + header + self.payload
 
 
 class HFTarget:
