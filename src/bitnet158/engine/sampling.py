@@ -48,11 +48,11 @@ def probabilities(
 ) -> np.ndarray:
     """Sampling distribution float64[V] after temperature, top-k and top-p (temperature > 0)."""
     # exp in float32 (SIMD in numpy; float64's took 1.3 ms per 128k-token vocabulary), the
-    # normalization and the sums in float64
-    # (logits - max) / temperature, as a product by 1/temperature capped at float32's range: a
-    # tiny temperature (1e-300) is 0 in float32 and made the distribution NaN (found by
-    # fuzzing the server). With the max subtracted first, the scaled values are <= 0 and
-    # overflow only to -inf, probability 0: such a temperature is greedy, as it should be.
+    # normalization and the sums in float64. (logits - max) / temperature, as a product by
+    # 1/temperature capped at float32's range: a tiny temperature (1e-300) is 0 in float32 and
+    # made the distribution NaN (found by fuzzing the server). With the max subtracted first,
+    # the scaled values are <= 0 (the max exactly 0) and overflow only to -inf, probability 0:
+    # such a temperature is greedy, as it should be.
     x = np.asarray(logits, dtype=np.float32)
     scale = np.float32(min(1.0 / temperature, float(np.finfo(np.float32).max)))
     with np.errstate(over="ignore"):
@@ -60,7 +60,7 @@ def probabilities(
     if top_k is not None and top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z[z < kth] = -np.inf
-    p = np.exp(z - z.max()).astype(np.float64)
+    p = np.exp(z).astype(np.float64)  # z.max() is 0: no second shift
     p /= p.sum()
     if top_p is not None and top_p < 1.0:
         kept = np.zeros_like(p)
