@@ -453,6 +453,16 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
     }
 }
 
+// The 4 rows after a batched tile's own are fetched into L2 while its first token tile runs, one
+// line per row each time the tile's rows cross one: without it, every group of rows waited on
+// DRAM (~20 % of the batched head on Zen 4). next is null where no 4 rows follow.
+BITNET158_AVX512 static inline void prefetch_rows(const char* next, int64_t row_bytes,
+                                                  int64_t offset) {
+    if (next != nullptr && offset % 64 == 0)
+        for (int i = 0; i < 4; ++i)
+            _mm_prefetch(next + i * row_bytes + offset, _MM_HINT_T1);
+}
+
 // NR rows x NT tokens of the output layer: each weight vector is converted once for NT tokens
 // and each activation vector loaded once for NR rows (batched decode reads every row for many
 // sequences). Every (row, token) dot has the same order whatever the tile: one 16-lane
@@ -460,7 +470,8 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
 // sequence's logits do not depend on the batch it was decoded in.
 template <int NR, int NT>
 BITNET158_AVX512 static inline void float_tile(const float* h, int64_t k, const void* w, Dtype wt,
-                                               int64_t r, int64_t t0, float* out, int64_t ldo) {
+                                               int64_t r, int64_t t0, float* out, int64_t ldo,
+                                               const char* next) {
     const int64_t es = wt == Dtype::f32 ? 4 : 2;
     const void* row[NR];
     for (int i = 0; i < NR; ++i)
@@ -471,6 +482,7 @@ BITNET158_AVX512 static inline void float_tile(const float* h, int64_t k, const 
             acc[i][t] = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c + 16 <= k; c += 16) {
+        prefetch_rows(next, k * es, c * es);
         __m512 wv[NR];
         for (int i = 0; i < NR; ++i)
             wv[i] = load16(row[i], wt, c);
@@ -513,7 +525,7 @@ BITNET158_AVX512 static inline void float_tile(const float* h, int64_t k, const 
     }
 BITNET158_AVX512 static inline void float_tile44(const float* h, int64_t k, const void* w,
                                                  Dtype wt, int64_t r, int64_t t0, float* out,
-                                                 int64_t ldo) {
+                                                 int64_t ldo, const char* next) {
     const int64_t es = wt == Dtype::f32 ? 4 : 2;
     const char* r0 = static_cast<const char*>(w) + r * k * es;
     const char *r1 = r0 + k * es, *r2 = r1 + k * es, *r3 = r2 + k * es;
@@ -523,6 +535,7 @@ BITNET158_AVX512 static inline void float_tile44(const float* h, int64_t k, cons
     __m512 a30 = a00, a31 = a00, a32 = a00, a33 = a00;
     int64_t c = 0;
     for (; c + 16 <= k; c += 16) {
+        prefetch_rows(next, k * es, c * es);
         const __m512 w0 = load16(r0, wt, c), w1 = load16(r1, wt, c);
         const __m512 w2 = load16(r2, wt, c), w3 = load16(r3, wt, c);
         BITNET158_FMA4(0, h0 + c)
@@ -549,34 +562,40 @@ BITNET158_AVX512 static inline void float_tile44(const float* h, int64_t k, cons
 #undef BITNET158_FMA4
 #undef BITNET158_FMA4_TAIL
 
+// next: the rows to prefetch during the first token tile (null: none).
 template <int NR>
 BITNET158_AVX512 static inline void float_tiles(const float* h, int64_t T, int64_t k,
                                                 const void* w, Dtype wt, int64_t r, float* out,
-                                                int64_t ldo) {
+                                                int64_t ldo, const char* next) {
     int64_t t0 = 0;
-    for (; t0 + 4 <= T; t0 += 4)
+    for (; t0 + 4 <= T; t0 += 4, next = nullptr)
         if constexpr (NR == 4)
-            float_tile44(h, k, w, wt, r, t0, out, ldo);
+            float_tile44(h, k, w, wt, r, t0, out, ldo, next);
         else
-            float_tile<NR, 4>(h, k, w, wt, r, t0, out, ldo);
+            float_tile<NR, 4>(h, k, w, wt, r, t0, out, ldo, next);
     switch (T - t0) {
-        case 1: float_tile<NR, 1>(h, k, w, wt, r, t0, out, ldo); break;
-        case 2: float_tile<NR, 2>(h, k, w, wt, r, t0, out, ldo); break;
-        case 3: float_tile<NR, 3>(h, k, w, wt, r, t0, out, ldo); break;
+        case 1: float_tile<NR, 1>(h, k, w, wt, r, t0, out, ldo, next); break;
+        case 2: float_tile<NR, 2>(h, k, w, wt, r, t0, out, ldo, next); break;
+        case 3: float_tile<NR, 3>(h, k, w, wt, r, t0, out, ldo, next); break;
         default: break;
     }
 }
 
-// Rows in fours (four independent FMA chains even for one token), 4 rows x 4 tokens per tile in
-// batches: 16 accumulators, 4 conversions and 4 activation loads per 16 FMAs.
+// One token: rows one by one, each one sequential stream (four interleaved rows were ~30 % slower).
+// Batches: 4 rows x 4 tokens per tile, 16 accumulators, 4 conversions and 4 activation loads per
+// 16 FMAs.
 BITNET158_AVX512 void float_rows_avx512(const float* h, int64_t T, int64_t k, const void* w,
                                         Dtype wt, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    const int64_t row_bytes = k * (wt == Dtype::f32 ? 4 : 2);
     int64_t r = r0;
     if (T > 1)
-        for (; r + 4 <= r1; r += 4)
-            float_tiles<4>(h, T, k, w, wt, r, out, ldo);
+        for (; r + 4 <= r1; r += 4) {
+            const char* next =
+                r + 8 <= r1 ? static_cast<const char*>(w) + (r + 4) * row_bytes : nullptr;
+            float_tiles<4>(h, T, k, w, wt, r, out, ldo, next);
+        }
     for (; r < r1; ++r)
-        float_tiles<1>(h, T, k, w, wt, r, out, ldo);
+        float_tiles<1>(h, T, k, w, wt, r, out, ldo, nullptr);
 }
 
 // NR rows x NT tokens of the int8 output layer: each weight load serves NT tokens, each
