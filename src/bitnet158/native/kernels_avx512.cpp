@@ -339,37 +339,63 @@ BITNET158_AVX512 static inline __m512 reduce16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(x01, x23, 0xdd));
 }
 
-// s[0..15] = (q . key_j) * scale for 16 consecutive key rows of length d.
-BITNET158_AVX512 static inline void score_16_keys(const float* q, int64_t d, const void* keys,
-                                                  Dtype kv, float scale, float* s) {
+// Scores of GH query heads (rows of q, length d) against 16 / GH consecutive key rows, 16 dots
+// in all: s[h * ld + j] = (q_h . key_j) * scale. Heads that share a key row (grouped-query
+// attention) load it once: with one head per call, 16 key loads fed 16 FMAs and the loads bound
+// the scores. Every dot is one 16-lane accumulator over d, then reduce16, whatever GH: the same
+// sums in the same order.
+template <int GH>
+BITNET158_AVX512 static inline void score_keys(const float* q, int64_t d, const void* keys,
+                                               Dtype kv, float scale, float* s, int64_t ld) {
+    constexpr int NK = 16 / GH;
     __m512 acc[16];
     for (int j = 0; j < 16; ++j)
         acc[j] = _mm512_setzero_ps();
     int64_t i = 0;
+    __m512 qv[GH];
     for (; i + 16 <= d; i += 16) {
-        const __m512 qv = _mm512_loadu_ps(q + i);
-        for (int j = 0; j < 16; ++j)
-            acc[j] = _mm512_fmadd_ps(qv, load16(keys, kv, j * d + i), acc[j]);
+        for (int h = 0; h < GH; ++h)
+            qv[h] = _mm512_loadu_ps(q + h * d + i);
+        for (int j = 0; j < NK; ++j) {
+            const __m512 key = load16(keys, kv, j * d + i);
+            for (int h = 0; h < GH; ++h)
+                acc[h * NK + j] = _mm512_fmadd_ps(qv[h], key, acc[h * NK + j]);
+        }
     }
-    if (i < d) {
-        const __m512 qv =
-            _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (d - i)) - 1), q + i);
-        for (int j = 0; j < 16; ++j)
-            acc[j] = _mm512_fmadd_ps(qv, load16_tail(keys, kv, j * d + i, j * d + d), acc[j]);
+    if (i < d) {  // head_dim not a multiple of 16
+        const __mmask16 m = static_cast<__mmask16>((1u << (d - i)) - 1);
+        for (int h = 0; h < GH; ++h)
+            qv[h] = _mm512_maskz_loadu_ps(m, q + h * d + i);
+        for (int j = 0; j < NK; ++j) {
+            const __m512 key = load16_tail(keys, kv, j * d + i, j * d + d);
+            for (int h = 0; h < GH; ++h)
+                acc[h * NK + j] = _mm512_fmadd_ps(qv[h], key, acc[h * NK + j]);
+        }
     }
-    _mm512_storeu_ps(s, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+    alignas(64) float r[16];
+    _mm512_store_ps(r, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+    for (int h = 0; h < GH; ++h)
+        for (int j = 0; j < NK; ++j)
+            s[h * ld + j] = r[h * NK + j];
 }
 
 BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* keys,
                                     const void* values, Dtype kv, int64_t n, int64_t d, float scale,
                                     float* scores, float* out) {
     const int64_t es = kv == Dtype::f16 ? 2 : 4;
-    // 16 keys at a time for each query head: one transposing reduction per 16 scores
+    // 16 scores at a time (4 heads x 4 keys where the group allows): one transposing reduction
     const int64_t n16 = n / 16 * 16;
-    for (int64_t g = 0; g < group; ++g)
-        for (int64_t j = 0; j < n16; j += 16)
-            score_16_keys(q + g * d, d, static_cast<const char*>(keys) + j * d * es, kv, scale,
-                          scores + g * n + j);
+    const int64_t heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+    for (int64_t g = 0; g < group; g += heads)
+        for (int64_t j = 0; j < n16; j += 16 / heads) {
+            const char* kj = static_cast<const char*>(keys) + j * d * es;
+            float* sj = scores + g * n + j;
+            switch (heads) {
+                case 4: score_keys<4>(q + g * d, d, kj, kv, scale, sj, n); break;
+                case 2: score_keys<2>(q + g * d, d, kj, kv, scale, sj, n); break;
+                default: score_keys<1>(q + g * d, d, kj, kv, scale, sj, n); break;
+            }
+        }
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t G = group - g0 < 4 ? group - g0 : 4;
         const float* qg = q + g0 * d;
