@@ -8,12 +8,14 @@ import threading
 
 import numpy as np
 import pytest
+from engine_fixtures import TOKENIZER_JSON, make_config, random_tensors
 from test_engine_model import IDS, assert_close_logits, torch_logits
 
 import bitnet158
 from bitnet158 import _native
 from bitnet158.engine import model as engine_model
 from bitnet158.errors import GenerationError
+from bitnet158.formats.native import save_native
 
 ISAS = _native.available_isas()
 
@@ -202,3 +204,18 @@ def test_released_pages_of_a_mapped_file_read_back(tmp_path):
     np.testing.assert_array_equal(view, want[5:])
     assert engine_model._mapping_of(want) is None
     engine_model._release_pages(want)  # a no-op
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2), (4, 2), (4, 4)])
+def test_grouped_query_attention_on_every_isa(tmp_path, heads, kv_heads):
+    """4, 3, 2 and 1 query heads per KV head (the AVX-512 scores take 4, 2 or 1 heads per key
+    load), head_dim 16, over 45 positions: past the 16-key blocks and into their tails."""
+    cfg = make_config("relu2-subln-gqa-tied", hidden_size=16 * heads, num_heads=heads,
+                      num_kv_heads=kv_heads)  # fmt: skip
+    tensors = random_tensors(cfg, seed=9)  # checked: no int8 near-tie (see assert_close_logits)
+    path = save_native(tmp_path / "gqa.safetensors", cfg, tensors, TOKENIZER_JSON)
+    engine = bitnet158.load(path).engine
+    ids = np.random.default_rng(7).integers(3, 300, size=45)
+    want = torch_logits(cfg, tensors, ids)
+    for isa in ISAS:
+        assert_close_logits(native_logits(engine, ids, isa), want)
