@@ -60,10 +60,6 @@ int32_t row_sum(const int8_t* x, int64_t k) {
     return s;
 }
 
-int64_t dtype_size(Dtype t) {
-    return t == Dtype::f32 ? 4 : 2;
-}
-
 // out[k] = row of a float matrix as float32 (F16C where the CPU has it).
 BITNET158_CLONES void to_float_row(const void* w, Dtype t, int64_t off, int64_t k,
                                    float* __restrict out) {

@@ -40,6 +40,8 @@ struct GemmOut {
 // Element types of float matrices (embedding, output layer) and of the KV cache.
 enum class Dtype : int { f32 = 0, f16 = 1, bf16 = 2 };
 
+inline int64_t dtype_size(Dtype t) { return t == Dtype::f32 ? 4 : 2; }  // bytes per value
+
 // Causal attention of one query position for `group` query heads sharing one KV head:
 //   q      float32[group, d] (already rotated), keys/values [n, d] of dtype kv (f32 or f16),
 //   scores float32[group, n] scratch, out float32[group, d] = softmax(q k^T * scale) v.

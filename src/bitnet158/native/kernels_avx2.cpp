@@ -198,7 +198,7 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
         attend_scalar(q, group, keys, values, kv, n, d, scale, scores, out);
         return;
     }
-    const int64_t es = kv == Dtype::f16 ? 2 : 4;
+    const int64_t es = dtype_size(kv);
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t G = group - g0 < 4 ? group - g0 : 4;
         for (int64_t j = 0; j < n; ++j) {
@@ -264,7 +264,7 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
 
 BITNET158_AVX2 void float_rows_avx2(const float* h, int64_t T, int64_t k, const void* w, Dtype wt,
                                     int64_t r0, int64_t r1, float* out, int64_t ldo) {
-    const int64_t es = wt == Dtype::f32 ? 4 : 2;
+    const int64_t es = dtype_size(wt);
     for (int64_t r = r0; r < r1; ++r) {
         const void* row = static_cast<const char*>(w) + r * k * es;
         for (int64_t t = 0; t < T; ++t) {

@@ -382,7 +382,7 @@ BITNET158_AVX512 static inline void score_keys(const float* q, int64_t d, const 
 BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* keys,
                                     const void* values, Dtype kv, int64_t n, int64_t d, float scale,
                                     float* scores, float* out) {
-    const int64_t es = kv == Dtype::f16 ? 2 : 4;
+    const int64_t es = dtype_size(kv);
     // 16 scores at a time (4 heads x 4 keys where the group allows): one transposing reduction
     const int64_t n16 = n / 16 * 16;
     const int64_t heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
@@ -498,7 +498,7 @@ template <int NR, int NT>
 BITNET158_AVX512 static inline void float_tile(const float* h, int64_t k, const void* w, Dtype wt,
                                                int64_t r, int64_t t0, float* out, int64_t ldo,
                                                const char* next) {
-    const int64_t es = wt == Dtype::f32 ? 4 : 2;
+    const int64_t es = dtype_size(wt);
     const void* row[NR];
     for (int i = 0; i < NR; ++i)
         row[i] = static_cast<const char*>(w) + (r + i) * k * es;
@@ -552,7 +552,7 @@ BITNET158_AVX512 static inline void float_tile(const float* h, int64_t k, const 
 BITNET158_AVX512 static inline void float_tile44(const float* h, int64_t k, const void* w,
                                                  Dtype wt, int64_t r, int64_t t0, float* out,
                                                  int64_t ldo, const char* next) {
-    const int64_t es = wt == Dtype::f32 ? 4 : 2;
+    const int64_t es = dtype_size(wt);
     const char* r0 = static_cast<const char*>(w) + r * k * es;
     const char *r1 = r0 + k * es, *r2 = r1 + k * es, *r3 = r2 + k * es;
     const float *h0 = h + t0 * k, *h1 = h0 + k, *h2 = h1 + k, *h3 = h2 + k;
@@ -612,7 +612,7 @@ BITNET158_AVX512 static inline void float_tiles(const float* h, int64_t T, int64
 // tokens per tile, 16 accumulators, 4 conversions and 4 activation loads per 16 FMAs.
 BITNET158_AVX512 void float_rows_avx512(const float* h, int64_t T, int64_t k, const void* w,
                                         Dtype wt, int64_t r0, int64_t r1, float* out, int64_t ldo) {
-    const int64_t row_bytes = k * (wt == Dtype::f32 ? 4 : 2);
+    const int64_t row_bytes = k * dtype_size(wt);
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
         const char* next =
