@@ -219,3 +219,18 @@ def test_grouped_query_attention_on_every_isa(tmp_path, heads, kv_heads):
     want = torch_logits(cfg, tensors, ids)
     for isa in ISAS:
         assert_close_logits(native_logits(engine, ids, isa), want)
+
+
+@pytest.mark.parametrize("head_dim", [40, 100, 136])
+def test_head_dims_off_the_vector_width_on_every_isa(tmp_path, head_dim):
+    """Head dims that end inside a 16-lane vector and inside or past the first 64 values the
+    AVX-512 value weighting keeps in registers per pass (1bitLLM's 3B has head_dim 100)."""
+    cfg = make_config("relu2-subln-gqa-tied", hidden_size=2 * head_dim, num_heads=2,
+                      num_kv_heads=1)  # fmt: skip
+    tensors = random_tensors(cfg, seed=11)  # checked: no int8 near-tie at these three dims
+    path = save_native(tmp_path / "dims.safetensors", cfg, tensors, TOKENIZER_JSON)
+    engine = bitnet158.load(path).engine
+    ids = np.random.default_rng(7).integers(3, 300, size=37)
+    want = torch_logits(cfg, tensors, ids)
+    for isa in ISAS:
+        assert_close_logits(native_logits(engine, ids, isa), want)

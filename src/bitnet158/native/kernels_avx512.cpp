@@ -339,45 +339,96 @@ BITNET158_AVX512 static inline __m512 reduce16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(x01, x23, 0xdd));
 }
 
-// Scores of GH query heads (rows of q, length d) against 16 / GH consecutive key rows, 16 dots
-// in all: s[h * ld + j] = (q_h . key_j) * scale. Heads that share a key row (grouped-query
-// attention) load it once: with one head per call, 16 key loads fed 16 FMAs and the loads bound
-// the scores. Every dot is one 16-lane accumulator over d, then reduce16, whatever GH: the same
-// sums in the same order.
+// Scores of GH query heads (rows of q, length d) against key rows [0, n16), n16 a multiple of 16,
+// 16 dots per step (16 / GH keys): s[h * ld + j] = (q_h . key_j) * scale. Heads that share a key
+// row (grouped-query attention) load it once: with one head per step, 16 key loads fed 16 FMAs
+// and the loads bound the scores. Every dot is one 16-lane accumulator over d, then reduce16,
+// whatever GH: the same sums in the same order. The loop over keys is inside so that the
+// accumulators are set up once (a call per 16 scores cost ~10 % of the scores in set-up).
 template <int GH>
-BITNET158_AVX512 static inline void score_keys(const float* q, int64_t d, const void* keys,
-                                               Dtype kv, float scale, float* s, int64_t ld) {
+BITNET158_AVX512 static void score_keys(const float* q, int64_t d, const void* keys, Dtype kv,
+                                        float scale, float* s, int64_t ld, int64_t n16) {
     constexpr int NK = 16 / GH;
-    __m512 acc[16];
-    for (int j = 0; j < 16; ++j)
-        acc[j] = _mm512_setzero_ps();
-    int64_t i = 0;
-    __m512 qv[GH];
-    for (; i + 16 <= d; i += 16) {
-        for (int h = 0; h < GH; ++h)
-            qv[h] = _mm512_loadu_ps(q + h * d + i);
-        for (int j = 0; j < NK; ++j) {
-            const __m512 key = load16(keys, kv, j * d + i);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __mmask16 tail = static_cast<__mmask16>((1u << (d % 16)) - 1);
+    for (int64_t j0 = 0; j0 < n16; j0 += NK) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; ++j)
+            acc[j] = _mm512_setzero_ps();
+        int64_t i = 0;
+        __m512 qv[GH];
+        for (; i + 16 <= d; i += 16) {
             for (int h = 0; h < GH; ++h)
-                acc[h * NK + j] = _mm512_fmadd_ps(qv[h], key, acc[h * NK + j]);
+                qv[h] = _mm512_loadu_ps(q + h * d + i);
+            for (int j = 0; j < NK; ++j) {
+                const __m512 key = load16(keys, kv, (j0 + j) * d + i);
+                for (int h = 0; h < GH; ++h)
+                    acc[h * NK + j] = _mm512_fmadd_ps(qv[h], key, acc[h * NK + j]);
+            }
         }
-    }
-    if (i < d) {  // head_dim not a multiple of 16
-        const __mmask16 m = static_cast<__mmask16>((1u << (d - i)) - 1);
-        for (int h = 0; h < GH; ++h)
-            qv[h] = _mm512_maskz_loadu_ps(m, q + h * d + i);
-        for (int j = 0; j < NK; ++j) {
-            const __m512 key = load16_tail(keys, kv, j * d + i, j * d + d);
+        if (i < d) {  // head_dim not a multiple of 16
             for (int h = 0; h < GH; ++h)
-                acc[h * NK + j] = _mm512_fmadd_ps(qv[h], key, acc[h * NK + j]);
+                qv[h] = _mm512_maskz_loadu_ps(tail, q + h * d + i);
+            for (int j = 0; j < NK; ++j) {
+                const int64_t row = (j0 + j) * d;
+                const __m512 key = load16_tail(keys, kv, row + i, row + d);
+                for (int h = 0; h < GH; ++h)
+                    acc[h * NK + j] = _mm512_fmadd_ps(qv[h], key, acc[h * NK + j]);
+            }
         }
+        // lane 4L + c of r is head (4L + c) / NK, key j0 + (4L + c) % NK: 4 scores per store
+        const __m512 r = _mm512_mul_ps(reduce16(acc), vscale);
+        _mm_storeu_ps(s + j0, _mm512_extractf32x4_ps(r, 0));
+        _mm_storeu_ps(s + (4 / NK) * ld + j0 + 4 % NK, _mm512_extractf32x4_ps(r, 1));
+        _mm_storeu_ps(s + (8 / NK) * ld + j0 + 8 % NK, _mm512_extractf32x4_ps(r, 2));
+        _mm_storeu_ps(s + (12 / NK) * ld + j0 + 12 % NK, _mm512_extractf32x4_ps(r, 3));
     }
-    alignas(64) float r[16];
-    _mm512_store_ps(r, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
-    for (int h = 0; h < GH; ++h)
-        for (int j = 0; j < NK; ++j)
-            s[h * ld + j] = r[h * NK + j];
 }
+
+// out[g] = sum_j p[g * n + j] v[j] for G heads, values [n, d] f16 or f32: 64 output values per
+// pass, each one FMA chain over j in order. G and the dtype are template arguments so that the
+// G x 4 accumulators stay in registers (with runtime counts GCC kept them on the stack, and this
+// loop was two thirds of prefill attention); chunks past d are masked off.
+template <int G, bool F16>
+BITNET158_AVX512 static void weigh_values(const float* p, int64_t n, const void* values,
+                                          int64_t d, float* out) {
+    for (int64_t i0 = 0; i0 < d; i0 += 64) {
+        __mmask16 m[4];
+        for (int c = 0; c < 4; ++c) {
+            const int64_t left = d - i0 - 16 * c;
+            m[c] = left >= 16 ? __mmask16(0xffff)
+                              : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+        }
+        __m512 acc[G][4];
+        for (int g = 0; g < G; ++g)
+            for (int c = 0; c < 4; ++c)
+                acc[g][c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {
+            __m512 v[4];
+            for (int c = 0; c < 4; ++c) {
+                const int64_t at = j * d + i0 + 16 * c;
+                v[c] = F16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                 m[c], static_cast<const uint16_t*>(values) + at))
+                           : _mm512_maskz_loadu_ps(m[c], static_cast<const float*>(values) + at);
+            }
+            for (int g = 0; g < G; ++g) {
+                const __m512 pg = _mm512_set1_ps(p[g * n + j]);
+                for (int c = 0; c < 4; ++c)
+                    acc[g][c] = _mm512_fmadd_ps(pg, v[c], acc[g][c]);
+            }
+        }
+        for (int g = 0; g < G; ++g)
+            for (int c = 0; c < 4; ++c)
+                _mm512_mask_storeu_ps(out + g * d + i0 + 16 * c, m[c], acc[g][c]);
+    }
+}
+
+using WeighValuesFn = void (*)(const float*, int64_t, const void*, int64_t, float*);
+static constexpr WeighValuesFn kWeighValues[2][4] = {  // [values are f16][G - 1]
+    {weigh_values<1, false>, weigh_values<2, false>, weigh_values<3, false>,
+     weigh_values<4, false>},
+    {weigh_values<1, true>, weigh_values<2, true>, weigh_values<3, true>, weigh_values<4, true>},
+};
 
 BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* keys,
                                     const void* values, Dtype kv, int64_t n, int64_t d, float scale,
@@ -386,25 +437,20 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
     // 16 scores at a time (4 heads x 4 keys where the group allows): one transposing reduction
     const int64_t n16 = n / 16 * 16;
     const int64_t heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
-    for (int64_t g = 0; g < group; g += heads)
-        for (int64_t j = 0; j < n16; j += 16 / heads) {
-            const char* kj = static_cast<const char*>(keys) + j * d * es;
-            float* sj = scores + g * n + j;
-            switch (heads) {
-                case 4: score_keys<4>(q + g * d, d, kj, kv, scale, sj, n); break;
-                case 2: score_keys<2>(q + g * d, d, kj, kv, scale, sj, n); break;
-                default: score_keys<1>(q + g * d, d, kj, kv, scale, sj, n); break;
-            }
+    for (int64_t g = 0; g < group; g += heads) {
+        float* sg = scores + g * n;
+        switch (heads) {
+            case 4: score_keys<4>(q + g * d, d, keys, kv, scale, sg, n, n16); break;
+            case 2: score_keys<2>(q + g * d, d, keys, kv, scale, sg, n, n16); break;
+            default: score_keys<1>(q + g * d, d, keys, kv, scale, sg, n, n16); break;
         }
+    }
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t G = group - g0 < 4 ? group - g0 : 4;
         const float* qg = q + g0 * d;
         float* sg = scores + g0 * n;
         for (int64_t j = n16; j < n; ++j) {
-            const void* key =
-                kv == Dtype::f16
-                    ? static_cast<const void*>(static_cast<const uint16_t*>(keys) + j * d)
-                    : static_cast<const void*>(static_cast<const float*>(keys) + j * d);
+            const void* key = static_cast<const char*>(keys) + j * d * es;
             switch (G) {
                 case 1: score_row<1>(qg, d, key, kv, scale, sg + j, n); break;
                 case 2: score_row<2>(qg, d, key, kv, scale, sg + j, n); break;
@@ -442,40 +488,12 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t group, const void* k
         for (; j < n; ++j)
             sg[j] *= _mm512_cvtss_f32(inv);
     }
-    // out[g] = sum_j p[g, j] v[j], 64 output values x up to 4 heads in registers per pass
+    // out[g] = sum_j p[g, j] v[j], up to 4 heads at a time
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t G = group - g0 < 4 ? group - g0 : 4;
-        for (int64_t i0 = 0; i0 < d; i0 += 64) {
-            const int64_t left = d - i0 < 64 ? d - i0 : 64;
-            const int64_t w = (left + 15) / 16;  // 16-wide chunks, the last one maybe partial
-            const int64_t last = left - 16 * (w - 1);
-            const __mmask16 m = static_cast<__mmask16>((1u << last) - 1);
-            __m512 acc[4][4];
-            for (int g = 0; g < 4; ++g)
-                for (int c = 0; c < 4; ++c)
-                    acc[g][c] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < n; ++j) {
-                __m512 v[4];
-                for (int c = 0; c < w; ++c) {
-                    const int64_t at = j * d + i0 + 16 * c;
-                    v[c] = c + 1 < w || last == 16 ? load16(values, kv, at)
-                                                   : load16_tail(values, kv, at, at + last);
-                }
-                for (int g = 0; g < G; ++g) {
-                    const __m512 p = _mm512_set1_ps(scores[(g0 + g) * n + j]);
-                    for (int c = 0; c < w; ++c)
-                        acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
-                }
-            }
-            for (int g = 0; g < G; ++g)
-                for (int c = 0; c < w; ++c) {
-                    float* o = out + (g0 + g) * d + i0 + 16 * c;
-                    if (c + 1 < w || last == 16)
-                        _mm512_storeu_ps(o, acc[g][c]);
-                    else
-                        _mm512_mask_storeu_ps(o, m, acc[g][c]);
-                }
-        }
+        const float* p = scores + g0 * n;
+        float* o = out + g0 * d;
+        kWeighValues[kv == Dtype::f16][G - 1](p, n, values, d, o);
     }
 }
 
