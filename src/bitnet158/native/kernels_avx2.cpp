@@ -191,6 +191,52 @@ BITNET158_AVX2 static inline void score_row(const float* q, int64_t d, const voi
         s[g * ld] = hsum8(acc[g]) * scale;
 }
 
+// out[g][i0, i0 + 8W) = sum_j p[g * n + j] v[j][i0, i0 + 8W) for G heads, values [n, d] f16 or
+// f32, each output one FMA chain over j in order. The counts are template arguments so that the
+// G x W accumulators stay in registers (GCC kept runtime-sized ones on the stack).
+template <int G, int W, bool F16>
+BITNET158_AVX2 static void weigh_values_pass(const float* p, int64_t n, const void* values,
+                                             int64_t d, int64_t i0, float* out) {
+    __m256 acc[G][W];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < W; ++c)
+            acc[g][c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+        __m256 v[W];
+        for (int c = 0; c < W; ++c)
+            v[c] = load8(values, F16 ? Dtype::f16 : Dtype::f32, j * d + i0 + 8 * c);
+        for (int g = 0; g < G; ++g) {
+            const __m256 pg = _mm256_set1_ps(p[g * n + j]);
+            for (int c = 0; c < W; ++c)
+                acc[g][c] = _mm256_fmadd_ps(pg, v[c], acc[g][c]);
+        }
+    }
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < W; ++c)
+            _mm256_storeu_ps(out + g * d + i0 + 8 * c, acc[g][c]);
+}
+
+// All of d (a multiple of 8): passes of 32 values, then one of the 8, 16 or 24 left.
+template <int G, bool F16>
+BITNET158_AVX2 static void weigh_values(const float* p, int64_t n, const void* values, int64_t d,
+                                        float* out) {
+    int64_t i0 = 0;
+    for (; i0 + 32 <= d; i0 += 32)
+        weigh_values_pass<G, 4, F16>(p, n, values, d, i0, out);
+    switch ((d - i0) / 8) {
+        case 3: weigh_values_pass<G, 3, F16>(p, n, values, d, i0, out); break;
+        case 2: weigh_values_pass<G, 2, F16>(p, n, values, d, i0, out); break;
+        case 1: weigh_values_pass<G, 1, F16>(p, n, values, d, i0, out); break;
+        default: break;
+    }
+}
+
+using WeighValuesFn = void (*)(const float*, int64_t, const void*, int64_t, float*);
+static constexpr WeighValuesFn kWeighValues[2][2] = {  // [values are f16][G - 1]
+    {weigh_values<1, false>, weigh_values<2, false>},
+    {weigh_values<1, true>, weigh_values<2, true>},
+};
+
 BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys, const void* values,
                                 Dtype kv, int64_t n, int64_t d, float scale, float* scores,
                                 float* out) {
@@ -237,28 +283,10 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
         for (j = 0; j < n; ++j)
             sg[j] *= inv;
     }
+    // out[g] = sum_j p[g, j] v[j], up to 2 heads at a time
     for (int64_t g0 = 0; g0 < group; g0 += 2) {
         const int64_t G = group - g0 < 2 ? group - g0 : 2;
-        for (int64_t i0 = 0; i0 < d; i0 += 32) {
-            const int64_t w = d - i0 < 32 ? (d - i0) / 8 : 4;
-            __m256 acc[2][4];
-            for (int g = 0; g < 2; ++g)
-                for (int c = 0; c < 4; ++c)
-                    acc[g][c] = _mm256_setzero_ps();
-            for (int64_t j = 0; j < n; ++j) {
-                __m256 v[4];
-                for (int c = 0; c < w; ++c)
-                    v[c] = load8(values, kv, j * d + i0 + 8 * c);
-                for (int g = 0; g < G; ++g) {
-                    const __m256 p = _mm256_set1_ps(scores[(g0 + g) * n + j]);
-                    for (int c = 0; c < w; ++c)
-                        acc[g][c] = _mm256_fmadd_ps(p, v[c], acc[g][c]);
-                }
-            }
-            for (int g = 0; g < G; ++g)
-                for (int c = 0; c < w; ++c)
-                    _mm256_storeu_ps(out + (g0 + g) * d + i0 + 8 * c, acc[g][c]);
-        }
+        kWeighValues[kv == Dtype::f16][G - 1](scores + g0 * n, n, values, d, out + g0 * d);
     }
 }
 
