@@ -47,12 +47,14 @@ install-browser:
 	fi
 
 # The benchmark's peers. llama.cpp is built for this CPU (GGML_NATIVE=ON: AVX-512 where there is
-# some), into its own folder so the portable build of the tests stays as it is.
+# some), into its own folder so the portable build of the tests stays as it is. --no-cache-dir:
+# pip's wheel cache does not key on CMAKE_ARGS, so it handed back the tests' portable (AVX2) build.
 BENCH_LLAMA_CPP := $(VENV)/bench-llama-cpp
 install-bench: install-test
 	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
 	CMAKE_ARGS="$(subst -DGGML_NATIVE=OFF,-DGGML_NATIVE=ON,$(LLAMA_CPP_CMAKE_ARGS))" \
-		$(PIP) install -q --no-deps --no-build-isolation --target $(BENCH_LLAMA_CPP) "$(LLAMA_CPP)"
+		$(PIP) install -q --no-cache-dir --no-deps --no-build-isolation --upgrade \
+		--target $(BENCH_LLAMA_CPP) "$(LLAMA_CPP)"
 
 # Not a test: bitnet158 against llama.cpp and transformers, same run, same threads (~20 min).
 bench: install-bench

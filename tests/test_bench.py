@@ -70,3 +70,23 @@ def test_paired_table():
     table = bench.paired_markdown(rows)
     assert "| F16 head vs TQ2_0 + F16 | 1 | 1.0 | 200 / 50 | 4.00× | 40.0 / 20.0 | 2.00× |" in table
     assert "not run: no llama_cpp" in table
+    assert "Warning" not in table  # no ISA recorded, nothing to compare
+
+
+@pytest.mark.parametrize(
+    "ours,peer,warned",
+    [("avx512", "avx2", True), ("avx512", "portable", True), ("avx512", "avx512_vnni", False),
+     ("avx2", "avx2", False)],
+)  # fmt: skip
+def test_llama_cpp_without_avx512_is_flagged(ours, peer, warned):
+    """A llama.cpp wheel built for a portable ISA (pip's cache reused the tests' build once)
+    must not pass unnoticed as the peer of an AVX-512 run."""
+    row = dict(pair="F16 head vs TQ2_0 + F16", round=1, load_average=1.0,
+               ours=dict(prefill_tps=200.0, decode_tps=40.0, isa=ours),
+               llama_cpp=dict(prefill_tps=50.0, decode_tps=20.0, isa=peer),
+               prefill_ratio=4.0, decode_ratio=2.0)  # fmt: skip
+    assert ("Warning" in bench.paired_markdown([row])) == warned
+    runs = [dict(engine="bitnet158", weights="2-bit ours + F16 head", isa=ours),
+            dict(engine="llama.cpp", weights="TQ2_0 + F16", isa=peer),
+            dict(engine="transformers", weights="BitNetForCausalLM")]  # fmt: skip
+    assert (bench.peer_isa_warning(runs) is not None) == warned

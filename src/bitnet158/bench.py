@@ -597,6 +597,20 @@ def paired(shape: str, workdir: Path, threads: int, rounds: int, prompt: int = 5
     return out
 
 
+def peer_isa_warning(entries: list[dict]) -> str | None:
+    """A warning when llama.cpp ran without AVX-512 where our engine used it: a llama.cpp wheel
+    built for another (or a portable) CPU, which would flatter every ratio."""
+    ours = {e.get("isa") for e in entries if e.get("engine", "bitnet158") == "bitnet158"}
+    peers = {e["isa"] for e in entries if e.get("engine") == "llama.cpp" and "isa" in e}
+    if "avx512" in ours and any(not isa.startswith("avx512") for isa in peers):
+        return (
+            f"**Warning:** llama.cpp ran with {', '.join(sorted(peers))} kernels on a CPU with "
+            "AVX-512 (a wheel built for a portable ISA): the ratios flatter bitnet158. Rebuild "
+            "it for this CPU with `make install-bench`."
+        )
+    return None
+
+
 def paired_markdown(rows: list[dict]) -> str:
     """Paired rounds as a markdown table."""
     lines = [
@@ -614,7 +628,10 @@ def paired_markdown(rows: list[dict]) -> str:
             f"{b['prefill_tps']:.0f} | {r['prefill_ratio']:.2f}× | {a['decode_tps']:.1f} / "
             f"{b['decode_tps']:.1f} | {r['decode_ratio']:.2f}× |"
         )
-    return "\n".join(lines) + "\n"
+    entries = [dict(r["ours"], engine="bitnet158") for r in rows]
+    entries += [dict(r["llama_cpp"], engine="llama.cpp") for r in rows]
+    warning = peer_isa_warning(entries)
+    return "\n".join(lines + ([f"\n{warning}"] if warning else [])) + "\n"
 
 
 def _best(runs: list[dict], prefix: str, key: str) -> float | None:
@@ -640,6 +657,9 @@ def markdown(results: dict) -> str:
         "flash attention on/off. Decode roofline: bytes read per token / read bandwidth.",
         "",
     ]
+    warning = peer_isa_warning([r for d in results["shapes"].values() for r in d["runs"]])
+    if warning:
+        lines += [warning, ""]
     for shape, data in results["shapes"].items():
         runs = data["runs"]
         ref = {
