@@ -81,10 +81,19 @@ def test_q4_layout_round_trips():
     assert q.min() >= -8 and q.max() <= 7
 
 
-def test_batched_decode_equals_one_sequence_at_a_time(tiny_path):
+@pytest.fixture(scope="module")
+def wide_path(tmp_path_factory):
+    """Hidden size 1000: eight 128-value chunks per 4-bit row (the last one padded)."""
+    cfg = make_config("relu2-subln-gqa-tied", hidden_size=1000, num_heads=4)
+    path = tmp_path_factory.mktemp("wide") / "wide.safetensors"
+    return save_native(path, cfg, random_tensors(cfg), TOKENIZER_JSON)
+
+
+@pytest.mark.parametrize("head", ["exact", "int8", "q4"])
+def test_batched_decode_equals_one_sequence_at_a_time(wide_path, head):
     """Exact: rows never mix, and every output-layer tile (4 tokens, then 1) sums a row in the
-    order of a single-token decode."""
-    engine = bitnet158.load(tiny_path).engine
+    order of a single-token decode, for each kind of output layer."""
+    engine = bitnet158.load(wide_path, lm_head=head).engine
     prompts = [IDS[:5], IDS[3:12], IDS[7:9], IDS[1:4], IDS[10:16]]
     order = [2, 0, 4, 1, 3]
     batch = engine.new_cache(32, slots=len(prompts))
