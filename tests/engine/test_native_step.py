@@ -215,6 +215,13 @@ def test_released_pages_of_a_mapped_file_read_back(tmp_path):
     engine_model._release_pages(want)  # a no-op
 
 
+def engine_and_torch(tmp_path, cfg, tensors, ids, exact=None):
+    """Our engine on a file of `tensors`, and torch's logits of ids (on `exact`: the values torch
+    sees where the file holds half-precision bits)."""
+    path = save_native(tmp_path / "m.safetensors", cfg, tensors, TOKENIZER_JSON)
+    return bitnet158.load(path).engine, torch_logits(cfg, {**tensors, **(exact or {})}, ids)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2), (4, 2), (4, 4)])
 def test_grouped_query_attention_on_every_isa(tmp_path, heads, kv_heads):
     """4, 3, 2 and 1 query heads per KV head (the AVX-512 scores take 4, 2 or 1 heads per key
@@ -222,10 +229,8 @@ def test_grouped_query_attention_on_every_isa(tmp_path, heads, kv_heads):
     cfg = make_config("relu2-subln-gqa-tied", hidden_size=16 * heads, num_heads=heads,
                       num_kv_heads=kv_heads)  # fmt: skip
     tensors = random_tensors(cfg, seed=9)  # checked: no int8 near-tie (see assert_close_logits)
-    path = save_native(tmp_path / "gqa.safetensors", cfg, tensors, TOKENIZER_JSON)
-    engine = bitnet158.load(path).engine
     ids = np.random.default_rng(7).integers(3, 300, size=45)
-    want = torch_logits(cfg, tensors, ids)
+    engine, want = engine_and_torch(tmp_path, cfg, tensors, ids)
     for isa in ISAS:
         assert_close_logits(native_logits(engine, ids, isa), want)
 
@@ -237,10 +242,8 @@ def test_head_dims_off_the_vector_width_on_every_isa(tmp_path, head_dim):
     cfg = make_config("relu2-subln-gqa-tied", hidden_size=2 * head_dim, num_heads=2,
                       num_kv_heads=1)  # fmt: skip
     tensors = random_tensors(cfg, seed=11)  # checked: no int8 near-tie at these three dims
-    path = save_native(tmp_path / "dims.safetensors", cfg, tensors, TOKENIZER_JSON)
-    engine = bitnet158.load(path).engine
     ids = np.random.default_rng(7).integers(3, 300, size=37)
-    want = torch_logits(cfg, tensors, ids)
+    engine, want = engine_and_torch(tmp_path, cfg, tensors, ids)
     for isa in ISAS:
         assert_close_logits(native_logits(engine, ids, isa), want)
 
@@ -262,10 +265,8 @@ def test_output_layer_with_an_odd_vocab_and_width_on_every_isa(tmp_path, tied, d
         elif key in tensors:
             tensors[key] = tensors[key].astype(dtype)
             exact[key] = tensors[key].astype(np.float32)
-    path = save_native(tmp_path / "odd.safetensors", cfg, tensors, TOKENIZER_JSON)
-    engine = bitnet158.load(path).engine
     ids = np.random.default_rng(7).integers(3, VOCAB, size=37)
-    want = torch_logits(cfg, {**tensors, **exact}, ids)
+    engine, want = engine_and_torch(tmp_path, cfg, tensors, ids, exact)
     for isa in ISAS:
         assert_close_logits(native_logits(engine, ids, isa), want)
         cache = engine.new_cache(len(ids))
