@@ -735,6 +735,7 @@ BITNET158_AVX512 static inline void q4_chunk_tokens(const uint8_t* w, const uint
                                                     const int32_t* corr, int64_t ldc,
                                                     __m512 acc[][4]) {
     const __m512i low = _mm512_set1_epi8(15);
+    // lanes 0-7 take the first group scale of a 64-weight half, lanes 8-15 the second
     const __m512i lo_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i hi_idx = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
     const __m512i p = load64(w);
@@ -743,7 +744,7 @@ BITNET158_AVX512 static inline void q4_chunk_tokens(const uint8_t* w, const uint
     const __m512 ds =
         _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(d))));
     const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, ds), d_hi = _mm512_permutexvar_ps(hi_idx, ds);
-    for (int t = 0; t < NT; ++t) {
+    for (int t = 0; t < NT; ++t) {  // corr + sum (q + 8) x = sum q x, per lane of 4 weights
         const int8_t* xt = x + t * ldx;
         const int32_t* ct = corr + t * ldc;
         const __m512i a0 =
