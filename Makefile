@@ -50,11 +50,14 @@ install-browser:
 # some), into its own folder so the portable build of the tests stays as it is. --no-cache-dir:
 # pip's wheel cache does not key on CMAKE_ARGS, so it handed back the tests' portable (AVX2) build.
 BENCH_LLAMA_CPP := $(VENV)/bench-llama-cpp
-install-bench: install-test
+install-bench: install-test $(BENCH_LLAMA_CPP)/.built
 	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+
+$(BENCH_LLAMA_CPP)/.built: | install-test
 	CMAKE_ARGS="$(subst -DGGML_NATIVE=OFF,-DGGML_NATIVE=ON,$(LLAMA_CPP_CMAKE_ARGS))" \
 		$(PIP) install -q --no-cache-dir --no-deps --no-build-isolation --upgrade \
 		--target $(BENCH_LLAMA_CPP) "$(LLAMA_CPP)"
+	touch $@
 
 # Not a test: bitnet158 against llama.cpp and transformers, same run, same threads (~20 min).
 bench: install-bench
