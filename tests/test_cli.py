@@ -10,8 +10,13 @@ from bitnet158.formats.convert import SHIPPED_PATH
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bitnet158.cli", *args], input=stdin,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bitnet158.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["chat"], ["info"], ["convert"]])
@@ -63,11 +68,14 @@ def test_convert_refuses_to_overwrite(tmp_path):
     assert dst.read_bytes() == SHIPPED_PATH.read_bytes()  # a native file converts to itself
 
 
-@pytest.mark.parametrize("args", [
-    ["generate", "x", "--model", "/no/such/model"],
-    ["info", "/no/such/model"],
-    ["generate", "x", "--top-p", "1.5"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "x", "--model", "/no/such/model"],
+        ["info", "/no/such/model"],
+        ["generate", "x", "--top-p", "1.5"],
+    ],
+)
 def test_errors_are_one_line_without_traceback(args, tmp_path):
     result = run(*args)
     assert result.returncode == 1

@@ -120,8 +120,12 @@ def test_error_cases_through_the_client(client, model_path):
         (b'{"prompt": "x", "logprobs": 3}', 400, "logprobs"),
         (b'{"prompt": "x", "echo": true}', 400, "echo"),
         (b'{"prompt": [], "max_tokens": 3}', 400, "prompt"),
-        (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l",'
-         b' "m", "n", "o", "p", "q"]}', 400, "stop"),
+        (
+            b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l",'
+            b' "m", "n", "o", "p", "q"]}',
+            400,
+            "stop",
+        ),
         (b'{"max_tokens": 3}', 400, "prompt"),
     ],
 )
