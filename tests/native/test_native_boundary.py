@@ -19,7 +19,7 @@ from bitnet158 import _native, packing, quant
 from bitnet158.config import ModelConfig
 from bitnet158.engine.kernels import TernaryLinear
 from bitnet158.engine.kv_cache import aligned_zeros
-from bitnet158.engine.model import EngineModel, rope_inv_freq, tile_head
+from bitnet158.engine.model import EngineModel, rope_inv_freq
 from bitnet158.formats.native import expected_shapes, projection_shapes
 
 CFG = ModelConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_layers=1,
@@ -99,7 +99,7 @@ def ready_model() -> _native.Model:
     m = new_model()
     m.set_layer(**layer_args())
     m.set_embedding(W["embed.weight"])
-    m.set_output(W["norm.weight"], tile_head(W["embed.weight"]))
+    m.set_output(W["norm.weight"], None)
     return m
 
 
@@ -164,7 +164,6 @@ def _call_set_output(**kw):
     m.set_output(**kw)
 
 
-HEAD_TILES = tile_head(HEAD)
 _INT8_HEAD = _native.quantize_rows_int8(HEAD)
 _Q4_HEAD = _native.quantize_rows_q4(HEAD)
 
@@ -188,7 +187,7 @@ CALLS = {
         ["attn_norm", "ffn_norm", "attn_sub_norm", "ffn_sub_norm", *(f"packed[{j}]" for j in range(7))],
     ),
     "set_embedding": (_call_set_embedding, {"embed": W["embed.weight"]}, ["embed"]),
-    "set_output": (_call_set_output, {"final_norm": W["norm.weight"], "head": HEAD_TILES},
+    "set_output": (_call_set_output, {"final_norm": W["norm.weight"], "head": HEAD},
                    ["final_norm", "head"]),
     "set_output_int8": (
         _call_set_output_int8,
@@ -274,9 +273,7 @@ def test_the_process_and_the_kernels_work_after_every_refusal():
 def test_a_refused_call_does_not_change_the_model():
     m = ready_model()
     with pytest.raises(ValueError, match="lm_head"):
-        m.set_output(
-            2 * W["norm.weight"], wrong_shape(HEAD_TILES)
-        )  # the norm is fine, the head not
+        m.set_output(2 * W["norm.weight"], wrong_shape(HEAD))  # the norm is fine, the head not
     args = layer_args()
     args["attn_norm"], args["ffn_sub_norm"] = 2 * args["attn_norm"], 3 * args["ffn_sub_norm"]
     args["packed"][0] = np.ascontiguousarray(args["packed"][0][::-1])
@@ -367,11 +364,6 @@ def test_order_of_setup_and_other_arguments():
         m.set_embedding(W["embed.weight"], bf16=True)  # float32 is not BF16 bits
     with pytest.raises(ValueError, match="required"):
         new_model().set_layer(**{**layer_args(), "attn_sub_norm": None})  # subln model
-    headless = ready_model()
-    headless.set_output(W["norm.weight"], None)  # no float head, and no int8 / 4-bit one after
-    assert headless.head_kind == "none"
-    with pytest.raises(ValueError, match="output layer is not set"):
-        headless.forward(**step_args())
     with pytest.raises(ValueError, match="unknown ISA"):
         ready_model().forward(**step_args(), isa="neon")
     before = _native.get_num_threads()

@@ -92,28 +92,6 @@ def _quantize_in_blocks(quantize, w: np.ndarray, bf16: bool) -> tuple[np.ndarray
     return tuple(parts)
 
 
-def tile_head(w: np.ndarray) -> np.ndarray:
-    """The float output layer w [V, H] in the native kernels' head tiles (kernels.h): tiles of 4
-    rows in which each row's 16 values per chunk lie together, [ceil(V/4), ceil(H/16), 4, 16] of
-    w's dtype, zero padded, so that one tile is one sequential stream. Built a block of rows at
-    a time, each block's memory-mapped source pages released once read (peak memory: the
-    tiles, not the tiles + the whole source)."""
-    V, H = w.shape
-    hp = -(-H // 16) * 16
-    tiles = aligned_zeros((-(-V // 4), hp // 16, 4, 16), w.dtype)
-    for r0 in range(0, V, HEAD_BLOCK_ROWS):  # a multiple of 4
-        block = w[r0 : r0 + HEAD_BLOCK_ROWS]
-        n = len(block)
-        if n % 4 or hp != H:  # the last rows, or a width off the 16-value chunks
-            padded = np.zeros((-(-n // 4) * 4, hp), w.dtype)
-            padded[:n, :H] = block
-            block = padded
-        rows = block.reshape(-1, 4, hp // 16, 16).transpose(0, 2, 1, 3)
-        tiles[r0 // 4 : r0 // 4 + len(rows)] = rows
-        _release_pages(w[r0 : r0 + HEAD_BLOCK_ROWS])
-    return tiles
-
-
 class EngineModel:
     """A BitNet b1.58 decoder over native tensors (`.packed` names, see formats.native).
 
@@ -166,15 +144,14 @@ class EngineModel:
             )
         embed, embed_bf16 = _float_matrix(tensors, "embed.weight")
         self.native.set_embedding(embed, embed_bf16)
-        head, head_bf16 = (embed, embed_bf16)
+        head, head_bf16 = (None, embed_bf16)
         if not cfg.tie_word_embeddings:
             head, head_bf16 = _float_matrix(tensors, "lm_head.weight")
-        if lm_head == "exact":
-            self.native.set_output(vector("norm.weight"), tile_head(head), head_bf16)
-        else:
+        self.native.set_output(vector("norm.weight"), head, head_bf16)
+        if lm_head != "exact":
+            source = embed if head is None else head
             quantize = {"int8": _native.quantize_rows_int8, "q4": _native.quantize_rows_q4}
-            parts = _quantize_in_blocks(quantize[lm_head], head, head_bf16)
-            self.native.set_output(vector("norm.weight"), None, False)
+            parts = _quantize_in_blocks(quantize[lm_head], source, head_bf16)
             if lm_head == "int8":
                 self.native.set_output_int8(*parts)
             else:

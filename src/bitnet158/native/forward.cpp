@@ -372,9 +372,8 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                         static_cast<float>(acc[t * V + r]) / hs[size_t(t)] / m.head.row_scale[r];
         });
     } else {
-        const int64_t rows = round_up(  // whole head tiles per chunk
-            std::max(cdiv(kMinHeadChunkBytes, H * dtype_size(m.head.dtype)), cdiv(V, 4 * threads)),
-            kHeadTileRows);
+        const int64_t rows =
+            std::max(cdiv(kMinHeadChunkBytes, H * dtype_size(m.head.dtype)), cdiv(V, 4 * threads));
         parallel_for(cdiv(V, rows), [&](int64_t c) {
             kern.float_rows(h.data(), R, H, m.head.w, m.head.dtype, c * rows,
                             std::min(V, (c + 1) * rows), logits, V);

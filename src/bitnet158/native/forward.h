@@ -43,7 +43,7 @@ struct ModelShape {
 // float(x_q . w_q) / s_x / row_scale); or 4-bit groups of 32 with an f16 scale each (kernels.h
 // Q4RowsFn). The hidden state is quantized per token to int8 for the last two.
 struct OutputLayer {
-    const void* w = nullptr;  // head tiles (kernels.h) of [vocab, hidden], of dtype
+    const void* w = nullptr;  // [vocab, hidden] of dtype
     Dtype dtype = Dtype::f32;
     const int8_t* w_i8 = nullptr;      // int8[vocab, kpad], kpad = hidden rounded up to 64
     const float* row_scale = nullptr;  // float32[vocab]

@@ -48,18 +48,8 @@ inline int64_t dtype_size(Dtype t) { return t == Dtype::f32 ? 4 : 2; }  // bytes
 using AttendFn = void (*)(const float* q, int64_t group, const void* keys, const void* values,
                           Dtype kv, int64_t n, int64_t d, float scale, float* scores, float* out);
 
-// The float output layer's layout, made at load (engine.model.tile_head): tiles of 4 rows in
-// which the 16 values of each row's chunk c (k values 16c .. 16c + 15) lie together,
-// [ceil(rows / 4), ceil(k / 16), 4, 16], zero padded. A tile is then one sequential stream, read
-// ~6 % faster per byte for one token on 2 Zen 4 cores than four separate rows (1.5x on one).
-// Element offset of row r's chunk 0; chunk c is at + 64 c.
-constexpr int64_t kHeadTileRows = 4;
-inline int64_t head_row_offset(int64_t r, int64_t k) {
-    return (r / kHeadTileRows * ((k + 15) / 16) * kHeadTileRows + r % kHeadTileRows) * 16;
-}
-
 // Output-layer logits in exact float: out[t * ldo + r] = sum_i h[t, i] * W[r, i] for the rows
-// r in [r0, r1) of W (dtype w: f32, f16 or bf16, in head tiles) and T tokens of h float32[T, k].
+// r in [r0, r1) of W [rows, k] (dtype w: f32, f16 or bf16) and T tokens of h float32[T, k].
 using FloatRowsFn = void (*)(const float* h, int64_t T, int64_t k, const void* w, Dtype wt,
                              int64_t r0, int64_t r1, float* out, int64_t ldo);
 

@@ -291,17 +291,14 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
 }
 
 // s + x[i, k) . row[i, k), one value at a time: the float output layer's tail after its
-// 16-chunks (i a multiple of 16), added to their sum s. row is a head-tile row (kernels.h): value
-// j of the tail's chunk lies at 4 i + (j - i).
+// 16-chunks, added to their sum s.
 BITNET158_AVX2 static inline float add_tail(float s, const float* x, const void* row, Dtype wt,
                                             int64_t i, int64_t k) {
     const uint16_t* half = static_cast<const uint16_t*>(row);
-    for (int64_t j = i; j < k; ++j) {
-        const int64_t at = 3 * i + j;
-        s += x[j] * (wt == Dtype::f16    ? half_to_float(half[at])
-                     : wt == Dtype::bf16 ? bf16_to_float(half[at])
-                                         : static_cast<const float*>(row)[at]);
-    }
+    for (; i < k; ++i)
+        s += x[i] * (wt == Dtype::f16    ? half_to_float(half[i])
+                     : wt == Dtype::bf16 ? bf16_to_float(half[i])
+                                         : static_cast<const float*>(row)[i]);
     return s;
 }
 
@@ -316,7 +313,7 @@ BITNET158_AVX2 static void float_row_tokens(const float* h, int64_t k, const voi
         a0[t] = a1[t] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= k; i += 16) {
-        const __m256 w0 = load8(row, wt, 4 * i), w1 = load8(row, wt, 4 * i + 8);
+        const __m256 w0 = load8(row, wt, i), w1 = load8(row, wt, i + 8);
         for (int t = 0; t < NT; ++t) {
             const float* x = h + (t0 + t) * k;
             a0[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), w0, a0[t]);
@@ -341,14 +338,13 @@ BITNET158_AVX2 void float_rows_avx2(const float* h, int64_t T, int64_t k, const 
                                     int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t es = dtype_size(wt);
     for (int64_t r = r0; r < r1; ++r) {
-        // the row in its head tile: the 16-chunk starting at value i lies at 4 i
-        const void* row = static_cast<const char*>(w) + head_row_offset(r, k) * es;
+        const void* row = static_cast<const char*>(w) + r * k * es;
         if (T == 1) {
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             int64_t i = 0;
             for (; i + 16 <= k; i += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(h + i), load8(row, wt, 4 * i), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(h + i + 8), load8(row, wt, 4 * i + 8), a1);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(h + i), load8(row, wt, i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(h + i + 8), load8(row, wt, i + 8), a1);
             }
             out[r] = add_tail(hsum8(_mm256_add_ps(a0, a1)), h, row, wt, i, k);
             continue;

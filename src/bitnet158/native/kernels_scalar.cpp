@@ -106,19 +106,9 @@ void attend_scalar(const float* q, int64_t group, const void* keys, const void* 
 
 void float_rows_scalar(const float* h, int64_t T, int64_t k, const void* w, Dtype wt, int64_t r0,
                        int64_t r1, float* out, int64_t ldo) {
-    for (int64_t r = r0; r < r1; ++r) {
-        const int64_t row = head_row_offset(r, k);
-        for (int64_t t = 0; t < T; ++t) {
-            const float* x = h + t * k;
-            float acc[16] = {};  // lane l: values 16c + l, as the 16-lane kernels sum them
-            for (int64_t i = 0; i < k; ++i)
-                acc[i % 16] += x[i] * load_float(w, wt, row + i / 16 * 64 + i % 16);
-            float s = 0.0f;
-            for (float v : acc)
-                s += v;
-            out[t * ldo + r] = s;
-        }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+        for (int64_t t = 0; t < T; ++t)
+            out[t * ldo + r] = dot16(h + t * k, w, wt, r * k, k);
 }
 
 void int8_rows_scalar(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,

@@ -346,8 +346,7 @@ public:
         w_.embed = embed.data();
     }
 
-    // The final norm's weight and the float output layer in head tiles (engine.model.tile_head of
-    // lm_head, or of the embedding when tied); None: set_output_int8 or set_output_q4 follows.
+    // The float output layer (None: the embedding, tied) and the final norm's weight.
     void set_output(std::optional<Arr> final_norm, std::optional<Arr> head, bool bf16) {
         const ModelShape& sh = w_.shape;
         if (!w_.embed)
@@ -359,12 +358,13 @@ public:
         }
         OutputLayer out{};
         if (head) {
-            out.dtype = float_dtype(*head, bf16, "lm_head tiles");
-            check_layout(*head, 4, head->itemsize(), "lm_head tiles");
-            check_shape(nb::ndarray<>(*head),
-                        {cdiv(sh.vocab, kHeadTileRows), cdiv(sh.hidden, 16), kHeadTileRows, 16},
-                        "lm_head tiles");
+            out.dtype = float_dtype(*head, bf16, "lm_head");
+            check_layout(*head, 2, head->itemsize(), "lm_head");
+            check_shape(nb::ndarray<>(*head), {sh.vocab, sh.hidden}, "lm_head");
             out.w = head->data();
+        } else {
+            out.dtype = w_.embed_dtype;
+            out.w = w_.embed;
         }
         // Everything checked: only now change the model.
         if (final_norm)
@@ -420,8 +420,6 @@ public:
             return "q4";
         if (w_.head.w_i8)
             return "int8";
-        if (!w_.head.w)
-            return "none";
         switch (w_.head.dtype) {
             case Dtype::f16: return "float16";
             case Dtype::bf16: return "bfloat16";
@@ -437,7 +435,7 @@ public:
         for (size_t i = 0; i < set_.size(); ++i)
             if (!set_[i])
                 throw nb::value_error(("layer " + std::to_string(i) + " is not set").c_str());
-        if (!head_set_ || !(w_.head.w || w_.head.w_i8 || w_.head.w_q4))
+        if (!head_set_)
             throw nb::value_error("the output layer is not set");
         const int32_t* tok = typed<int32_t>(tokens, 1, "tokens");
         const int32_t* slot = typed<int32_t>(slots, 1, "slots");
@@ -676,15 +674,13 @@ NB_MODULE(_native, m) {
         .def("set_embedding", &NativeModel::set_embedding, "embed"_a.noconvert(), "bf16"_a = false)
         .def("set_output", &NativeModel::set_output, "final_norm"_a.noconvert().none(),
              "head"_a.noconvert().none(), "bf16"_a = false,
-             "Final norm weight and the float output layer in head tiles "
-             "(engine.model.tile_head of lm_head, or of the embedding when tied); None: "
-             "set_output_int8 or set_output_q4 follows.")
+             "Final norm weight and output layer (None: tied to the embedding).")
         .def("set_output_int8", &NativeModel::set_output_int8, "q"_a.noconvert(),
              "row_scale"_a.noconvert(), "row_sum"_a.noconvert())
         .def("set_output_q4", &NativeModel::set_output_q4, "nibbles"_a.noconvert(),
              "d"_a.noconvert())
         .def_prop_ro("head_kind", &NativeModel::head_kind,
-                     "The output layer in use: float32, float16, bfloat16, int8, q4 or none.")
+                     "The output layer in use: float32, float16, bfloat16, int8 or q4.")
         .def("forward", &NativeModel::forward, "tokens"_a.noconvert(), "slots"_a.noconvert(),
              "positions"_a.noconvert(), "k_cache"_a, "v_cache"_a,
              "out_rows"_a.noconvert(), "isa"_a = nb::none(),
