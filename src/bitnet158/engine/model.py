@@ -96,8 +96,7 @@ class EngineModel:
     """A BitNet b1.58 decoder over native tensors (`.packed` names, see formats.native).
 
     `lm_head`: "exact" runs the output layer in its stored dtype (F32/F16/BF16, as the
-    checkpoint has it), copied at load into the kernels' head tiles (`tile_head`: one stream
-    per 4 rows); "int8" quantizes it per row at load (half the bytes of F16 per token),
+    checkpoint has it); "int8" quantizes it per row at load (half the bytes of F16 per token),
     "q4" to 4 bits in groups of 32 (0.56 bytes per weight). The embedding lookup stays exact.
     """
 
