@@ -166,6 +166,15 @@ inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+// Element i of a row of dtype t, as float (every ISA's scalar tails).
+inline float load_float(const void* p, Dtype t, int64_t i) {
+    switch (t) {
+        case Dtype::f16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+        case Dtype::bf16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+        default: return static_cast<const float*>(p)[i];
+    }
+}
+
 // float32 -> IEEE half bits, rounding to nearest even (the KV cache's scalar store).
 inline uint16_t float_to_half(float f) {
     uint32_t x;

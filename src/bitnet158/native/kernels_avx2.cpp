@@ -294,11 +294,8 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
 // 16-chunks, added to their sum s.
 BITNET158_AVX2 static inline float add_tail(float s, const float* x, const void* row, Dtype wt,
                                             int64_t i, int64_t k) {
-    const uint16_t* half = static_cast<const uint16_t*>(row);
     for (; i < k; ++i)
-        s += x[i] * (wt == Dtype::f16    ? half_to_float(half[i])
-                     : wt == Dtype::bf16 ? bf16_to_float(half[i])
-                                         : static_cast<const float*>(row)[i]);
+        s += x[i] * load_float(row, wt, i);
     return s;
 }
 

@@ -56,14 +56,6 @@ void gemm_groups_scalar(const int8_t* x_q, const int32_t* x_sum, int64_t T, int6
     }
 }
 
-static float load_float(const void* p, Dtype t, int64_t i) {
-    switch (t) {
-        case Dtype::f16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
-        case Dtype::bf16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-        default: return static_cast<const float*>(p)[i];
-    }
-}
-
 // Dot product with 16 partial sums, the order the SIMD kernels use.
 static float dot16(const float* a, const void* b, Dtype bt, int64_t off, int64_t n) {
     float acc[16] = {};
