@@ -600,7 +600,7 @@ def paired(shape: str, workdir: Path, threads: int, rounds: int, prompt: int = 5
 def peer_isa_warning(entries: list[dict]) -> str | None:
     """A warning when llama.cpp ran without AVX-512 where our engine used it: a llama.cpp wheel
     built for another (or a portable) CPU, which would flatter every ratio."""
-    ours = {e.get("isa") for e in entries if e.get("engine", "bitnet158") == "bitnet158"}
+    ours = {e.get("isa") for e in entries if e.get("engine") == "bitnet158"}
     peers = {e["isa"] for e in entries if e.get("engine") == "llama.cpp" and "isa" in e}
     if "avx512" in ours and any(not isa.startswith("avx512") for isa in peers):
         return (
