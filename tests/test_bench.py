@@ -76,7 +76,7 @@ def test_paired_table():
 @pytest.mark.parametrize(
     "ours,peer,warned",
     [("avx512", "avx2", True), ("avx512", "portable", True), ("avx512", "avx512_vnni", False),
-     ("avx2", "avx2", False)],
+     ("amx", "avx2", True), ("amx", "avx512_vnni", False), ("avx2", "avx2", False)],
 )  # fmt: skip
 def test_llama_cpp_without_avx512_is_flagged(ours, peer, warned):
     """A llama.cpp wheel built for a portable ISA (pip's cache reused the tests' build once)

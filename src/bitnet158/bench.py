@@ -602,7 +602,7 @@ def peer_isa_warning(entries: list[dict]) -> str | None:
     built for another (or a portable) CPU, which would flatter every ratio."""
     ours = {e.get("isa") for e in entries if e.get("engine") == "bitnet158"}
     peers = {e["isa"] for e in entries if e.get("engine") == "llama.cpp" and "isa" in e}
-    if "avx512" in ours and any(not isa.startswith("avx512") for isa in peers):
+    if ours & {"avx512", "amx"} and any(not isa.startswith("avx512") for isa in peers):
         return (
             f"**Warning:** llama.cpp ran with {', '.join(sorted(peers))} kernels on a CPU with "
             "AVX-512 (a wheel built for a portable ISA): the ratios flatter bitnet158. Rebuild "

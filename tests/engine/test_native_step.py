@@ -241,7 +241,9 @@ def test_head_dims_off_the_vector_width_on_every_isa(tmp_path, head_dim):
     AVX-512 value weighting keeps in registers per pass (1bitLLM's 3B has head_dim 100)."""
     cfg = make_config("relu2-subln-gqa-tied", hidden_size=2 * head_dim, num_heads=2,
                       num_kv_heads=1)  # fmt: skip
-    tensors = random_tensors(cfg, seed=11)  # checked: no int8 near-tie at these three dims
+    # checked: no int8 near-tie at these three dims (seed 11 had one where torch's float sums
+    # differ by an ulp, on Sapphire Rapids; 13 stays within a tenth of the tolerance there)
+    tensors = random_tensors(cfg, seed=13)
     ids = np.random.default_rng(7).integers(3, 300, size=37)
     engine, want = engine_and_torch(tmp_path, cfg, tensors, ids)
     for isa in ISAS:

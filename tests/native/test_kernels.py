@@ -32,8 +32,11 @@ def activations(t, k, seed=0):
 
 
 def test_isa_reporting():
-    assert ISAS[0] == "scalar" and set(ISAS) <= {"scalar", "avx2", "avx512"}
+    assert ISAS[0] == "scalar" and set(ISAS) <= {"scalar", "avx2", "avx512", "amx"}
     assert _native.isa() == os.environ.get("BITNET158_ISA", ISAS[-1])  # best unless forced
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if "avx512" in ISAS and {"amx_tile", "amx_int8"} <= set(flags):
+        assert "amx" in ISAS  # Linux grants the tile state since 5.16
 
 
 @pytest.mark.parametrize("k", [100, 300, 2560, 3200, 6912])
@@ -41,7 +44,9 @@ def test_isa_reporting():
 def test_gemm_and_bitlinear_bit_exact(n, k):
     codes, packed = weights(n, k)
     _native.set_num_threads(2)
-    for t in (1, 2, 7, 16):  # every tile shape: 1, 2, 3 (7 = 4 + 3) and 4 tokens
+    # every tile shape: 1, 2, 3 (7 = 4 + 3) and 4 tokens; AMX (12 or more): one 16-token tile,
+    # and 37 = two whole tiles and one of 5 tokens
+    for t in (1, 2, 7, 16, 37):
         x = activations(t, k, seed=t)
         x_q, _ = quant.quantize_activations(x)
         expected = exact_matmul(x_q, codes)

@@ -23,7 +23,8 @@ def set_num_threads(threads: int | None) -> None:
 
 
 def isa() -> str:
-    """The instruction set the kernels run on (avx512, avx2 or scalar)."""
+    """The instruction set the kernels run on: amx (the avx512 kernels with AMX tiles for
+    prefill), avx512, avx2 or scalar."""
     return _native.isa()
 
 

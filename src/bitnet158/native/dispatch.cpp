@@ -51,6 +51,14 @@ struct GemmChunk {
     int64_t t0, g0, g1;
 };
 
+// The AMX GEMM (kernels_amx.cpp) takes blocks of at least this many tokens (fewer: the 16-token
+// tiles run mostly empty, and the AVX-512 tiles were as fast at 8 tokens on Sapphire Rapids),
+// kAmxTokens per pass over the weights (their tiles stay in L2 while a chunk's rows pass), and
+// chunks of whole 16-row tile passes.
+constexpr int64_t kAmxMinTokens = 12;
+constexpr int64_t kAmxTokens = 128;
+constexpr int64_t kAmxPassGroups = 4;
+
 }  // namespace
 
 const Kernels& kernels_for(Isa isa) {
@@ -63,6 +71,13 @@ const Kernels& kernels_for(Isa isa) {
     static const Kernels avx512{quantize_row_avx512, gemm_groups_avx512, attend_avx512,
                                 float_rows_avx512,   int8_rows_avx512,   silu_mul_avx512,
                                 q4_rows_avx512};
+    static const Kernels amx = [] {
+        Kernels k = avx512;
+        k.amx = true;
+        return k;
+    }();
+    if (isa == Isa::amx)
+        return amx;
     if (isa == Isa::avx512)
         return avx512;
     if (isa == Isa::avx2)
@@ -76,15 +91,25 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
                     int64_t kpad, const GemmTask* tasks, int64_t ntasks) {
     if (T == 0 || ntasks == 0)
         return;
+    const bool amx = kern.amx && T >= kAmxMinTokens;
+    // AMX: the activations in the tiles' order, once for all tasks and chunks.
+    AlignedArray<int8_t> amx_x(amx ? cdiv(T, 16) * 16 * kpad : 0);
+    if (amx)
+        parallel_for(cdiv(T, 16), [&](int64_t j) {
+            amx_activations(x_q + 16 * j * kpad, std::min<int64_t>(16, T - 16 * j), kpad,
+                            amx_x.get() + 16 * j * kpad);
+        });
     const int64_t tokens =
-        std::max<int64_t>(kMaxTileTokens, std::min<int64_t>(64, kTokenChunkBytes / kpad) /
-                                              kMaxTileTokens * kMaxTileTokens);
+        amx ? kAmxTokens
+            : std::max<int64_t>(kMaxTileTokens, std::min<int64_t>(64, kTokenChunkBytes / kpad) /
+                                                    kMaxTileTokens * kMaxTileTokens);
     int64_t groups = 0;
     for (int64_t i = 0; i < ntasks; ++i)
         groups += cdiv(tasks[i].n, kRows);
     // Chunks small enough for 4 per thread (dynamic balance), large enough to be worth a claim.
-    const int64_t per_chunk = std::max(cdiv(kMinChunkBytes, kpad * std::min(T, tokens)),
-                                       cdiv(groups, 4 * int64_t(num_threads())));
+    const int64_t per_chunk = round_up(std::max(cdiv(kMinChunkBytes, kpad * std::min(T, tokens)),
+                                                cdiv(groups, 4 * int64_t(num_threads()))),
+                                       amx ? kAmxPassGroups : 1);
     std::vector<GemmChunk> chunks;
     for (int64_t t0 = 0; t0 < T; t0 += tokens)
         for (int64_t i = 0; i < ntasks; ++i) {
@@ -102,13 +127,19 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
         } else {
             part.i32 += ch.t0 * part.n;
         }
-        kern.gemm_groups(x_q + ch.t0 * kpad, x_sum + ch.t0, std::min(tokens, T - ch.t0), kpad,
-                         task.packed, task.n, ch.g0, ch.g1, part);
+        const int64_t nt = std::min(tokens, T - ch.t0);
+        if (amx)
+            gemm_groups_amx(amx_x.get() + ch.t0 * kpad, x_sum + ch.t0, nt, kpad, task.packed,
+                            task.n, ch.g0, ch.g1, part);
+        else
+            kern.gemm_groups(x_q + ch.t0 * kpad, x_sum + ch.t0, nt, kpad, task.packed, task.n,
+                             ch.g0, ch.g1, part);
     });
 }
 
 const char* isa_name(Isa isa) {
     switch (isa) {
+        case Isa::amx: return "amx";
         case Isa::avx512: return "avx512";
         case Isa::avx2: return "avx2";
         default: return "scalar";
@@ -122,7 +153,9 @@ Isa parse_isa(const std::string& name) {
         return Isa::avx2;
     if (name == "avx512")
         return Isa::avx512;
-    throw std::invalid_argument("unknown ISA '" + name + "': expected scalar, avx2 or avx512");
+    if (name == "amx")
+        return Isa::amx;
+    throw std::invalid_argument("unknown ISA '" + name + "': expected scalar, avx2, avx512 or amx");
 }
 
 bool isa_supported(Isa isa) {
@@ -133,16 +166,17 @@ bool isa_supported(Isa isa) {
     if (isa == Isa::avx2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("f16c");
-    if (isa == Isa::avx512)
+    if (isa == Isa::avx512 || isa == Isa::amx)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+               (isa == Isa::avx512 || amx_usable());
 #endif
     return false;
 }
 
 std::vector<Isa> supported_isas() {
     std::vector<Isa> out;
-    for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512})
+    for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::amx})
         if (isa_supported(isa))
             out.push_back(isa);
     return out;
@@ -158,7 +192,7 @@ Isa active_isa() {
                 forced = parse_isa(env);
             } catch (const std::invalid_argument&) {
                 throw std::runtime_error(std::string("BITNET158_ISA=") + env +
-                                         " is not one of scalar, avx2, avx512");
+                                         " is not one of scalar, avx2, avx512, amx");
             }
             if (!isa_supported(forced))
                 throw std::runtime_error(std::string("BITNET158_ISA=") + env +

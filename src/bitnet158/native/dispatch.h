@@ -15,12 +15,14 @@
 
 namespace bitnet158 {
 
-enum class Isa { scalar, avx2, avx512 };
+// amx: the avx512 kernels, with AMX tiles for the GEMM of prefill and large batches.
+enum class Isa { scalar, avx2, avx512, amx };
 
 const char* isa_name(Isa isa);
-// Parse "scalar" | "avx2" | "avx512"; throws std::invalid_argument for any other name.
+// Parse "scalar" | "avx2" | "avx512" | "amx"; throws std::invalid_argument for any other name.
 Isa parse_isa(const std::string& name);
-// Does this CPU run kernels of this ISA (CPUID: AVX2+FMA+F16C; AVX-512 F/BW/VL/VNNI)?
+// Does this CPU run kernels of this ISA (CPUID: AVX2+FMA+F16C; AVX-512 F/BW/VL/VNNI; amx: those
+// and AMX-TILE/INT8 with the tile state granted by the OS)?
 bool isa_supported(Isa isa);
 std::vector<Isa> supported_isas();
 // The ISA in use: BITNET158_ISA if set (std::runtime_error if this CPU lacks it), else the
@@ -36,6 +38,7 @@ struct Kernels {
     Int8RowsFn int8_rows;
     SiluMulFn silu_mul;
     Q4RowsFn q4_rows;
+    bool amx = false;  // GEMMs of 12 or more tokens run on AMX tiles (dispatch.cpp)
 };
 const Kernels& kernels_for(Isa isa);
 

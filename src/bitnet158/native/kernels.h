@@ -88,6 +88,14 @@ using GemmGroupsFn = void (*)(const int8_t* x_q, const int32_t* x_sum, int64_t T
                               const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
                               const GemmOut& out);
 
+// The AMX GEMM (kernels_amx.cpp), for prefill and large batches: the activations first go
+// into the tiles' order, b int8[ceil(T/16) * 16 * kpad] (amx_activations; token tile j starts
+// at b + 16 * j * kpad), then gemm_groups_amx takes them where gemm_groups takes x_q.
+bool amx_usable();  // CPUID has AMX-TILE and AMX-INT8, and Linux granted the tile state
+void amx_activations(const int8_t* x_q, int64_t T, int64_t kpad, int8_t* b);
+void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
+                     const uint8_t* packed, int64_t n, int64_t g0, int64_t g1, const GemmOut& out);
+
 #define BITNET158_DECLARE_KERNELS(isa)                                                             \
     float quantize_row_##isa(const float* x, int64_t k, int8_t* q);                                \
     void gemm_groups_##isa(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,       \

@@ -234,7 +234,7 @@ namespace {
 
 Tq1GroupsFn kernel_for(Isa isa) {
 #if defined(BITNET158_X86)
-    if (isa == Isa::avx512 && cpu_has_vbmi())
+    if ((isa == Isa::avx512 || isa == Isa::amx) && cpu_has_vbmi())
         return tq1_groups_avx512;
 #endif
     (void)isa;
