@@ -12,7 +12,11 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <climits>
+#include <cstring>
 #include <type_traits>
 #include <optional>
 #include <string>
@@ -53,14 +57,24 @@ Out<T> new_array(std::initializer_list<size_t> shape, T** data) {
 }
 
 // T[rows, cols] whose data is 64-byte aligned (cols * sizeof(T) a multiple of 64 keeps every
-// row so).
+// row so), in pages of its own: the output-layer copies are made a block of rows at a time
+// (engine.model._quantize_in_blocks), and once glibc has freed one such block its dynamic mmap
+// threshold serves the next ones from the heap, which kept ~270 MB of freed blocks resident
+// after an int8 head's load. The first page holds the mapping's size.
 template <class T>
 Out<T> new_aligned(int64_t rows, int64_t cols, T** data) {
-    const size_t bytes = size_t(std::max<int64_t>(rows * cols, 1)) * sizeof(T);
-    void* ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (!ptr)
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    const size_t bytes = page + size_t(std::max<int64_t>(rows * cols, 1)) * sizeof(T);
+    void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED)
         throw std::bad_alloc();
-    nb::capsule owner(ptr, [](void* p) noexcept { std::free(p); });
+    std::memcpy(base, &bytes, sizeof(bytes));
+    nb::capsule owner(base, [](void* p) noexcept {
+        size_t n;
+        std::memcpy(&n, p, sizeof(n));
+        munmap(p, n);
+    });
+    void* ptr = static_cast<char*>(base) + page;
     *data = static_cast<T*>(ptr);
     const size_t shape[2] = {size_t(rows), size_t(cols)};
     return Out<T>(ptr, 2, shape, owner);
