@@ -76,6 +76,10 @@ BITNET158_AVX2 static inline void tile(const uint8_t* group, int64_t nblocks, co
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
         const int8_t* xb = x + b * kBlock;
+        if constexpr (NT == 1)  // decode streams the weights once: fetch ahead
+            for (int r = 0; r < kRows; ++r)
+                _mm_prefetch(reinterpret_cast<const char*>(w + kGemvPrefetchBytes + 64 * r),
+                             _MM_HINT_T1);
 #pragma GCC unroll 4
         for (int r = 0; r < kRows; ++r) {
             __m256i s16[NT];

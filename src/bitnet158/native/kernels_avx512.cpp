@@ -193,9 +193,7 @@ BITNET158_AVX512 static inline void tile4x3(const uint8_t* group, int64_t nblock
 //   (bits 2j, 2j + 1) left in place, so its accumulator holds 4^j x its dot product and is
 //   shifted back exactly at the end (no shifts per block; the lanes stay far from overflow,
 //   |sum| <= 2^16 per 256 k values). On a 2-core Sapphire Rapids this streamed ~8 % faster.
-// - the lines kGemvPrefetchBytes ahead are fetched into L2: the hardware prefetchers alone left
-//   two cores at 15-17 GB/s of a 26 GB/s read probe, 23-26 with it.
-constexpr int64_t kGemvPrefetchBytes = 3072;
+// - the lines kGemvPrefetchBytes ahead are fetched into L2 (kernels.h).
 BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblocks,
                                               const int8_t* x,
                                               int32_t dots[kMaxTileTokens][kRows]) {
