@@ -66,7 +66,8 @@ BITNET158_AVX2 static inline __m256i ld(const int8_t* a) {
 // row block are summed in int16 (|sum| <= 4096) and widened once with madd.
 template <int NT>
 BITNET158_AVX2 static inline void tile(const uint8_t* group, int64_t nblocks, const int8_t* x,
-                                       int64_t ldx, int32_t dots[kMaxTileTokens][kRows]) {
+                                       int64_t ldx, int32_t dots[kMaxTileTokens][kRows],
+                                       bool fetch) {
     __m256i acc[kRows][NT];
     for (int r = 0; r < kRows; ++r)
         for (int t = 0; t < NT; ++t)
@@ -76,7 +77,7 @@ BITNET158_AVX2 static inline void tile(const uint8_t* group, int64_t nblocks, co
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
         const int8_t* xb = x + b * kBlock;
-        if constexpr (NT == 1)  // decode streams the weights once: fetch ahead
+        if (fetch)  // the group's first token tile streams it from memory: fetch ahead
             for (int r = 0; r < kRows; ++r)
                 _mm_prefetch(reinterpret_cast<const char*>(w + kGemvPrefetchBytes + 64 * r),
                              _MM_HINT_T1);
@@ -122,9 +123,9 @@ BITNET158_AVX2 void gemm_groups_avx2(const int8_t* x_q, const int32_t* x_sum, in
             const int64_t nt = T - t0 < kTile ? T - t0 : kTile;
             const int8_t* x = x_q + t0 * kpad;
             if (nt == 1)
-                tile<1>(group, nblocks, x, kpad, dots);
+                tile<1>(group, nblocks, x, kpad, dots, t0 == 0);
             else
-                tile<2>(group, nblocks, x, kpad, dots);
+                tile<2>(group, nblocks, x, kpad, dots, t0 == 0);
             for (int r = 0; r < kRows && g * kRows + r < n; ++r)
                 for (int64_t t = 0; t < nt; ++t)
                     out.store(t0 + t, g * kRows + r, dots[t][r] - x_sum[t0 + t]);

@@ -57,11 +57,19 @@ BITNET158_AVX512 static inline __m128i hsum4(__m512i a, __m512i b, __m512i c, __
     return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
 }
 
+// The lines of a weight block kGemvPrefetchBytes ahead, into L2 (kernels.h): the first token
+// tile over a block of groups streams them from memory, as decode does.
+BITNET158_AVX512 static inline void prefetch_ahead(const uint8_t* w) {
+    for (int r = 0; r < kRows; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + kGemvPrefetchBytes + 64 * r), _MM_HINT_T1);
+}
+
 // 4 rows x NT tokens: every 64-byte weight load is unpacked once (4 planes of 64 k values) and
 // multiplied into NT activation rows with vpdpbusd (u8 codes x s8 activations -> int32).
 template <int NT>
 BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, const int8_t* x,
-                                         int64_t ldx, int32_t dots[kMaxTileTokens][kRows]) {
+                                         int64_t ldx, int32_t dots[kMaxTileTokens][kRows],
+                                         bool fetch) {
     __m512i acc[kRows][NT];
     for (int r = 0; r < kRows; ++r)
         for (int t = 0; t < NT; ++t)
@@ -70,6 +78,8 @@ BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, 
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
         const int8_t* xb = x + b * kBlock;
+        if (fetch)
+            prefetch_ahead(w);
 #pragma GCC unroll 4
         for (int r = 0; r < kRows; ++r) {
             const __m512i p = load64(w + 64 * r);
@@ -114,7 +124,8 @@ BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, 
         BITNET158_DOT4(a##r##3, xb + 3 * ldx)                               \
     }
 BITNET158_AVX512 static inline void tile4x4(const uint8_t* group, int64_t nblocks, const int8_t* x,
-                                            int64_t ldx, int32_t dots[kMaxTileTokens][kRows]) {
+                                            int64_t ldx, int32_t dots[kMaxTileTokens][kRows],
+                                            bool fetch) {
     __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
     __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00;
@@ -123,6 +134,8 @@ BITNET158_AVX512 static inline void tile4x4(const uint8_t* group, int64_t nblock
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
         const int8_t* xb = x + b * kBlock;
+        if (fetch)
+            prefetch_ahead(w);
         BITNET158_ROW(0)
         BITNET158_ROW(1)
         BITNET158_ROW(2)
@@ -161,12 +174,15 @@ BITNET158_AVX512 static inline void tile4x4(const uint8_t* group, int64_t nblock
         a##r##2 = _mm512_dpbusd_epi32(a##r##2, c3, x23);     \
     }
 BITNET158_AVX512 static inline void tile4x3(const uint8_t* group, int64_t nblocks, const int8_t* x,
-                                            int64_t ldx, int32_t dots[kMaxTileTokens][kRows]) {
+                                            int64_t ldx, int32_t dots[kMaxTileTokens][kRows],
+                                            bool fetch) {
     __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
     __m512i a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
     const __m512i mask = _mm512_set1_epi8(3);
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
+        if (fetch)
+            prefetch_ahead(w);
         const int8_t* x0 = x + b * kBlock;
         const int8_t* x1 = x0 + ldx;
         const int8_t* x2 = x1 + ldx;
@@ -206,9 +222,7 @@ BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblo
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
         const int8_t* xb = x + b * kBlock;
-        for (int r = 0; r < kRows; ++r)
-            _mm_prefetch(reinterpret_cast<const char*>(w + kGemvPrefetchBytes + 64 * r),
-                         _MM_HINT_T1);
+        prefetch_ahead(w);
         const __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
         const __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
 #pragma GCC unroll 4
@@ -249,9 +263,9 @@ BITNET158_AVX512 void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum
                 const uint8_t* group = packed + g * kpad;
                 switch (nt) {
                     case 1: tile_gemv(group, nblocks, x, dots); break;
-                    case 2: tile<2>(group, nblocks, x, kpad, dots); break;
-                    case 3: tile4x3(group, nblocks, x, kpad, dots); break;
-                    default: tile4x4(group, nblocks, x, kpad, dots); break;
+                    case 2: tile<2>(group, nblocks, x, kpad, dots, t0 == 0); break;
+                    case 3: tile4x3(group, nblocks, x, kpad, dots, t0 == 0); break;
+                    default: tile4x4(group, nblocks, x, kpad, dots, t0 == 0); break;
                 }
                 for (int r = 0; r < kRows && g * kRows + r < n; ++r)
                     for (int64_t t = 0; t < nt; ++t)
