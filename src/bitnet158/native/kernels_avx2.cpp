@@ -77,10 +77,8 @@ BITNET158_AVX2 static inline void tile(const uint8_t* group, int64_t nblocks, co
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
         const int8_t* xb = x + b * kBlock;
-        if (fetch)  // the group's first token tile streams it from memory: fetch ahead
-            for (int r = 0; r < kRows; ++r)
-                _mm_prefetch(reinterpret_cast<const char*>(w + kGemvPrefetchBytes + 64 * r),
-                             _MM_HINT_T1);
+        if (fetch)  // the group's first token tile streams it from memory
+            prefetch_ahead(w);
 #pragma GCC unroll 4
         for (int r = 0; r < kRows; ++r) {
             __m256i s16[NT];

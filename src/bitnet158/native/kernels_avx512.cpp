@@ -57,13 +57,6 @@ BITNET158_AVX512 static inline __m128i hsum4(__m512i a, __m512i b, __m512i c, __
     return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
 }
 
-// The lines of a weight block kGemvPrefetchBytes ahead, into L2 (kernels.h): the first token
-// tile over a block of groups streams them from memory, as decode does.
-BITNET158_AVX512 static inline void prefetch_ahead(const uint8_t* w) {
-    for (int r = 0; r < kRows; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + kGemvPrefetchBytes + 64 * r), _MM_HINT_T1);
-}
-
 // 4 rows x NT tokens: every 64-byte weight load is unpacked once (4 planes of 64 k values) and
 // multiplied into NT activation rows with vpdpbusd (u8 codes x s8 activations -> int32).
 template <int NT>
@@ -78,7 +71,7 @@ BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, 
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
         const int8_t* xb = x + b * kBlock;
-        if (fetch)
+        if (fetch)  // the first token tile over a block of groups streams it from memory
             prefetch_ahead(w);
 #pragma GCC unroll 4
         for (int r = 0; r < kRows; ++r) {
@@ -209,14 +202,35 @@ BITNET158_AVX512 static inline void tile4x3(const uint8_t* group, int64_t nblock
 //   (bits 2j, 2j + 1) left in place, so its accumulator holds 4^j x its dot product and is
 //   shifted back exactly at the end (no shifts per block; the lanes stay far from overflow,
 //   |sum| <= 2^16 per 256 k values). On a 2-core Sapphire Rapids this streamed ~8 % faster.
-// - the lines kGemvPrefetchBytes ahead are fetched into L2 (kernels.h).
+// - the lines kGemvPrefetchBytes ahead are fetched into L2 (kernels.h);
+// - the 16 accumulators are named variables: as an array GCC copied them and spilled some to
+//   the stack on every block.
+#define BITNET158_GEMV_ROW(r)                                \
+    {                                                        \
+        const __m512i p = load64(w + 64 * r);                \
+        dpbusd_into(a##r##0, _mm512_and_si512(p, m0), x0); \
+        dpbusd_into(a##r##1, _mm512_and_si512(p, m1), x1); \
+        dpbusd_into(a##r##2, _mm512_and_si512(p, m2), x2); \
+        dpbusd_into(a##r##3, _mm512_and_si512(p, m3), x3); \
+    }
+// acc += u8 . s8 as _mm512_dpbusd_epi32, in place: with the intrinsic, GCC 12 copied each of
+// tile_gemv's accumulators into a temporary and back, and stored some to the stack, on every
+// block.
+BITNET158_AVX512 static inline void dpbusd_into(__m512i& acc, __m512i u8, __m512i s8) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+}
+// a0 + a1 / 4 + a2 / 16 + a3 / 64, each division exact (see tile_gemv).
+BITNET158_AVX512 static inline __m512i plane_sum(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    return _mm512_add_epi32(_mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2)),
+                            _mm512_add_epi32(_mm512_srai_epi32(a2, 4), _mm512_srai_epi32(a3, 6)));
+}
 BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblocks,
                                               const int8_t* x,
                                               int32_t dots[kMaxTileTokens][kRows]) {
-    __m512i acc[kRows][4];
-    for (int r = 0; r < kRows; ++r)
-        for (int j = 0; j < 4; ++j)
-            acc[r][j] = _mm512_setzero_si512();
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+    __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    __m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00;
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
     const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8(static_cast<char>(0xc0));
     for (int64_t b = 0; b < nblocks; ++b) {
@@ -225,22 +239,16 @@ BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblo
         prefetch_ahead(w);
         const __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
         const __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
-#pragma GCC unroll 4
-        for (int r = 0; r < kRows; ++r) {
-            const __m512i p = load64(w + 64 * r);
-            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(p, m0), x0);
-            acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(p, m1), x1);
-            acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(p, m2), x2);
-            acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_and_si512(p, m3), x3);
-        }
+        BITNET158_GEMV_ROW(0)
+        BITNET158_GEMV_ROW(1)
+        BITNET158_GEMV_ROW(2)
+        BITNET158_GEMV_ROW(3)
     }
-    __m512i sum[kRows];
-    for (int r = 0; r < kRows; ++r)
-        sum[r] = _mm512_add_epi32(
-            _mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2)),
-            _mm512_add_epi32(_mm512_srai_epi32(acc[r][2], 4), _mm512_srai_epi32(acc[r][3], 6)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[0]), hsum4(sum[0], sum[1], sum[2], sum[3]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[0]),
+                     hsum4(plane_sum(a00, a01, a02, a03), plane_sum(a10, a11, a12, a13),
+                           plane_sum(a20, a21, a22, a23), plane_sum(a30, a31, a32, a33)));
 }
+#undef BITNET158_GEMV_ROW
 
 // Groups are taken in blocks that stay in L2 while every token tile passes over them, so a
 // tile's activations (4 x kpad bytes) stay in L1: with all T tokens per group instead, 16
