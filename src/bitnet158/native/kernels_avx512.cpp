@@ -57,6 +57,12 @@ BITNET158_AVX512 static inline __m128i hsum4(__m512i a, __m512i b, __m512i c, __
     return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
 }
 
+// acc += u8 . s8 as _mm512_dpbusd_epi32, in place: with the intrinsic, GCC 12 copied the tiles'
+// accumulators into temporaries and back, and stored some to the stack, on every block.
+BITNET158_AVX512 static inline void dpbusd_into(__m512i& acc, __m512i u8, __m512i s8) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "vm"(s8));
+}
+
 // 4 rows x NT tokens: every 64-byte weight load is unpacked once (4 planes of 64 k values) and
 // multiplied into NT activation rows with vpdpbusd (u8 codes x s8 activations -> int32).
 template <int NT>
@@ -84,10 +90,10 @@ BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, 
             for (int t = 0; t < NT; ++t) {
                 const int8_t* xt = xb + t * ldx;
                 __m512i a = acc[r][t];
-                a = _mm512_dpbusd_epi32(a, c0, _mm512_loadu_si512(xt));
-                a = _mm512_dpbusd_epi32(a, c1, _mm512_loadu_si512(xt + 64));
-                a = _mm512_dpbusd_epi32(a, c2, _mm512_loadu_si512(xt + 128));
-                a = _mm512_dpbusd_epi32(a, c3, _mm512_loadu_si512(xt + 192));
+                dpbusd_into(a, c0, _mm512_loadu_si512(xt));
+                dpbusd_into(a, c1, _mm512_loadu_si512(xt + 64));
+                dpbusd_into(a, c2, _mm512_loadu_si512(xt + 128));
+                dpbusd_into(a, c3, _mm512_loadu_si512(xt + 192));
                 acc[r][t] = a;
             }
         }
@@ -99,11 +105,11 @@ BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, 
 
 // The full 4 rows x 4 tokens tile with its 16 accumulators as named variables: GCC does not
 // keep an array of 16 vectors in registers (it copied and spilled them, ~30 % slower).
-#define BITNET158_DOT4(acc, xt)                                     \
-    acc = _mm512_dpbusd_epi32(acc, c0, _mm512_loadu_si512(xt));       \
-    acc = _mm512_dpbusd_epi32(acc, c1, _mm512_loadu_si512(xt + 64));  \
-    acc = _mm512_dpbusd_epi32(acc, c2, _mm512_loadu_si512(xt + 128)); \
-    acc = _mm512_dpbusd_epi32(acc, c3, _mm512_loadu_si512(xt + 192));
+#define BITNET158_DOT4(acc, xt)                          \
+    dpbusd_into(acc, c0, _mm512_loadu_si512(xt));       \
+    dpbusd_into(acc, c1, _mm512_loadu_si512(xt + 64));  \
+    dpbusd_into(acc, c2, _mm512_loadu_si512(xt + 128)); \
+    dpbusd_into(acc, c3, _mm512_loadu_si512(xt + 192));
 #define BITNET158_ROW(r)                                                   \
     {                                                                      \
         const __m512i p = load64(w + 64 * r);                              \
@@ -153,18 +159,18 @@ BITNET158_AVX512 static inline void tile4x4(const uint8_t* group, int64_t nblock
         const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(p, 2), mask); \
         const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(p, 4), mask); \
         const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(p, 6), mask); \
-        a##r##0 = _mm512_dpbusd_epi32(a##r##0, c0, x00);     \
-        a##r##1 = _mm512_dpbusd_epi32(a##r##1, c0, x10);     \
-        a##r##2 = _mm512_dpbusd_epi32(a##r##2, c0, x20);     \
-        a##r##0 = _mm512_dpbusd_epi32(a##r##0, c1, x01);     \
-        a##r##1 = _mm512_dpbusd_epi32(a##r##1, c1, x11);     \
-        a##r##2 = _mm512_dpbusd_epi32(a##r##2, c1, x21);     \
-        a##r##0 = _mm512_dpbusd_epi32(a##r##0, c2, x02);     \
-        a##r##1 = _mm512_dpbusd_epi32(a##r##1, c2, x12);     \
-        a##r##2 = _mm512_dpbusd_epi32(a##r##2, c2, x22);     \
-        a##r##0 = _mm512_dpbusd_epi32(a##r##0, c3, x03);     \
-        a##r##1 = _mm512_dpbusd_epi32(a##r##1, c3, x13);     \
-        a##r##2 = _mm512_dpbusd_epi32(a##r##2, c3, x23);     \
+        dpbusd_into(a##r##0, c0, x00); \
+        dpbusd_into(a##r##1, c0, x10); \
+        dpbusd_into(a##r##2, c0, x20); \
+        dpbusd_into(a##r##0, c1, x01); \
+        dpbusd_into(a##r##1, c1, x11); \
+        dpbusd_into(a##r##2, c1, x21); \
+        dpbusd_into(a##r##0, c2, x02); \
+        dpbusd_into(a##r##1, c2, x12); \
+        dpbusd_into(a##r##2, c2, x22); \
+        dpbusd_into(a##r##0, c3, x03); \
+        dpbusd_into(a##r##1, c3, x13); \
+        dpbusd_into(a##r##2, c3, x23); \
     }
 BITNET158_AVX512 static inline void tile4x3(const uint8_t* group, int64_t nblocks, const int8_t* x,
                                             int64_t ldx, int32_t dots[kMaxTileTokens][kRows],
@@ -213,12 +219,6 @@ BITNET158_AVX512 static inline void tile4x3(const uint8_t* group, int64_t nblock
         dpbusd_into(a##r##2, _mm512_and_si512(p, m2), x2); \
         dpbusd_into(a##r##3, _mm512_and_si512(p, m3), x3); \
     }
-// acc += u8 . s8 as _mm512_dpbusd_epi32, in place: with the intrinsic, GCC 12 copied each of
-// tile_gemv's accumulators into a temporary and back, and stored some to the stack, on every
-// block.
-BITNET158_AVX512 static inline void dpbusd_into(__m512i& acc, __m512i u8, __m512i s8) {
-    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
-}
 // a0 + a1 / 4 + a2 / 16 + a3 / 64, each division exact (see tile_gemv).
 BITNET158_AVX512 static inline __m512i plane_sum(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
     return _mm512_add_epi32(_mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2)),
