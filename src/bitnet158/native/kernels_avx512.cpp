@@ -692,7 +692,7 @@ BITNET158_AVX512 static inline void int8_tile(const int8_t* x_q, int64_t kpad, c
         for (int t = 0; t < NT; ++t) {
             const __m512i xv = _mm512_xor_si512(_mm512_loadu_si512(x_q + (t0 + t) * kpad + c), flip);
             for (int i = 0; i < NR; ++i)
-                acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], xv, wv[i]);
+                dpbusd_into(acc[i][t], xv, wv[i]);
         }
     }
     for (int i = 0; i < NR; ++i)
@@ -734,14 +734,12 @@ BITNET158_AVX512 void int8_rows_avx512(const int8_t* x_q, int64_t T, int64_t kpa
         __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
         int64_t i = 0;
         for (; i + 128 <= kpad; i += 128) {
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x_q + i), flip),
-                                     load64(wr + i));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(x_q + i + 64), flip),
-                                     load64(wr + i + 64));
+            dpbusd_into(a0, _mm512_xor_si512(_mm512_loadu_si512(x_q + i), flip), load64(wr + i));
+            dpbusd_into(a1, _mm512_xor_si512(_mm512_loadu_si512(x_q + i + 64), flip),
+                        load64(wr + i + 64));
         }
         if (i < kpad)
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x_q + i), flip),
-                                     load64(wr + i));
+            dpbusd_into(a0, _mm512_xor_si512(_mm512_loadu_si512(x_q + i), flip), load64(wr + i));
         out[r] = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1)) - 128 * w_sum[r];
     }
 }
