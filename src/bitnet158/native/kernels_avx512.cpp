@@ -421,6 +421,12 @@ BITNET158_AVX512 static void score_keys(const float* q, int64_t d, const void* k
 // pass, each one FMA chain over j in order. G and the dtype are template arguments so that the
 // G x 4 accumulators stay in registers (with runtime counts GCC kept them on the stack, and this
 // loop was two thirds of prefill attention); chunks past d are masked off.
+// acc += a * b as _mm512_fmadd_ps (one rounding), in place: GCC 12 copied weigh_values'
+// accumulators through temporaries (15 register copies per 16 FMAs), as with vpdpbusd above.
+BITNET158_AVX512 static inline void fmadd_into(__m512& acc, __m512 a, __m512 b) {
+    asm("vfmadd231ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+
 template <int G, bool F16>
 BITNET158_AVX512 static void weigh_values(const float* p, int64_t n, const void* values,
                                           int64_t d, float* out) {
@@ -446,7 +452,7 @@ BITNET158_AVX512 static void weigh_values(const float* p, int64_t n, const void*
             for (int g = 0; g < G; ++g) {
                 const __m512 pg = _mm512_set1_ps(p[g * n + j]);
                 for (int c = 0; c < 4; ++c)
-                    acc[g][c] = _mm512_fmadd_ps(pg, v[c], acc[g][c]);
+                    fmadd_into(acc[g][c], pg, v[c]);
             }
         }
         for (int g = 0; g < G; ++g)
