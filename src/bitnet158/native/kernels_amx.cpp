@@ -150,6 +150,9 @@ bool amx_usable() {
     if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8"))
         return false;
     // Linux hands out the tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+    // It refuses when a thread's signal stack is too small for the larger signal frame (then the
+    // avx512 kernels run), and once granted it refuses later too-small sigaltstack calls
+    // (Documentation/arch/x86/xstate.rst). Under BITNET158_ISA=avx512 the engine never asks.
     static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
     return granted;
 }
