@@ -144,6 +144,7 @@ BITNET158_AVX512_VBMI void tile_gemv_tq1(const uint8_t* group, int64_t nblocks, 
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kRows * kTq1RowBytes;
         const int8_t* xb = x + b * kTq1Block;
+        prefetch_ahead(w);
         const __m512i x0 = _mm512_load_si512(xb), x1 = _mm512_load_si512(xb + 64),
                       x2 = _mm512_load_si512(xb + 128), x3 = _mm512_load_si512(xb + 192),
                       x4 = _mm512_load_si512(xb + 256);
