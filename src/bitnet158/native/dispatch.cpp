@@ -57,7 +57,6 @@ struct GemmChunk {
 // chunks of whole 16-row tile passes.
 constexpr int64_t kAmxMinTokens = 12;
 constexpr int64_t kAmxTokens = 128;
-constexpr int64_t kAmxPassGroups = 4;
 
 }  // namespace
 
@@ -93,11 +92,12 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
         return;
     const bool amx = kern.amx && T >= kAmxMinTokens;
     // AMX: the activations in the tiles' order, once for all tasks and chunks.
-    AlignedArray<int8_t> amx_x(amx ? cdiv(T, 16) * 16 * kpad : 0);
+    constexpr int64_t tt = kAmxTileTokens;
+    AlignedArray<int8_t> amx_x(amx ? cdiv(T, tt) * tt * kpad : 0);
     if (amx)
-        parallel_for(cdiv(T, 16), [&](int64_t j) {
-            amx_activations(x_q + 16 * j * kpad, std::min<int64_t>(16, T - 16 * j), kpad,
-                            amx_x.get() + 16 * j * kpad);
+        parallel_for(cdiv(T, tt), [&](int64_t j) {
+            amx_activations(x_q + tt * j * kpad, std::min(tt, T - tt * j), kpad,
+                            amx_x.get() + tt * j * kpad);
         });
     const int64_t tokens =
         amx ? kAmxTokens

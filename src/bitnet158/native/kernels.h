@@ -102,7 +102,10 @@ using GemmGroupsFn = void (*)(const int8_t* x_q, const int32_t* x_sum, int64_t T
 
 // The AMX GEMM (kernels_amx.cpp), for prefill and large batches: the activations first go
 // into the tiles' order, b int8[ceil(T/16) * 16 * kpad] (amx_activations; token tile j starts
-// at b + 16 * j * kpad), then gemm_groups_amx takes them where gemm_groups takes x_q.
+// at b + 16 * j * kpad), then gemm_groups_amx takes them where gemm_groups takes x_q, best with
+// g0 and g1 multiples of kAmxPassGroups.
+constexpr int64_t kAmxTileTokens = 16;  // tokens per B tile
+constexpr int64_t kAmxPassGroups = 4;   // row groups per tile pass (16 rows: one A tile)
 bool amx_usable();  // CPUID has AMX-TILE and AMX-INT8, and Linux granted the tile state
 void amx_activations(const int8_t* x_q, int64_t T, int64_t kpad, int8_t* b);
 void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,

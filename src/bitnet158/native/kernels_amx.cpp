@@ -31,8 +31,9 @@ namespace bitnet158 {
 
 namespace {
 
-constexpr int kTile = 16;              // rows of a tile; tokens of a B tile
-constexpr int64_t kChunk = 64;         // k values per tile
+constexpr int kTile = 16;  // rows of a tile (kAmxPassGroups groups); tokens of a B tile
+static_assert(kTile == kAmxTileTokens && kTile == kAmxPassGroups * kRows, "one tile per pass");
+constexpr int64_t kChunk = 64;  // k values per tile
 constexpr int kTokenTilesPerPass = 4;  // C tiles 0-3, the A tile 4, the B tile 5
 
 // Every tile is 16 rows of 64 bytes: C 16 rows x 16 int32, A 16 rows x 64 codes, B 16 rows (of 4
@@ -59,7 +60,7 @@ BITNET158_AMX void configure_tiles() {
 BITNET158_AMX void unpack_rows(const uint8_t* packed, int64_t kpad, int64_t g, int64_t g_end,
                                uint8_t* a) {
     const __m512i mask = _mm512_set1_epi8(3);
-    for (int gi = 0; gi < kTile / kRows; ++gi) {
+    for (int gi = 0; gi < kAmxPassGroups; ++gi) {
         uint8_t* rows = a + gi * kRows * kpad;
         if (g + gi >= g_end) {
             std::memset(rows, 0, size_t(kRows * kpad));
@@ -188,7 +189,7 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
     alignas(64) int32_t c[kTokenTilesPerPass * kTile * kTile];
     configure_tiles();
     const int64_t tiles = (T + kTile - 1) / kTile;
-    for (int64_t g = g0; g < g1; g += kTile / kRows) {
+    for (int64_t g = g0; g < g1; g += kAmxPassGroups) {
         unpack_rows(packed, kpad, g, g1, a_buf.data());
         for (int64_t tt = 0; tt < tiles; tt += kTokenTilesPerPass) {
             const int8_t* bt = b + tt * kpad * kTile;

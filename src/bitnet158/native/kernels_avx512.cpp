@@ -209,8 +209,8 @@ BITNET158_AVX512 static inline void tile4x3(const uint8_t* group, int64_t nblock
 //   shifted back exactly at the end (no shifts per block; the lanes stay far from overflow,
 //   |sum| <= 2^16 per 256 k values). On a 2-core Sapphire Rapids this streamed ~8 % faster.
 // - the lines kGemvPrefetchBytes ahead are fetched into L2 (kernels.h);
-// - the 16 accumulators are named variables: as an array GCC copied them and spilled some to
-//   the stack on every block.
+// - the 16 accumulators are named variables updated in place (dpbusd_into): as an array, with
+//   the intrinsic, GCC copied them and spilled some to the stack on every block.
 #define BITNET158_GEMV_ROW(r)                                \
     {                                                        \
         const __m512i p = load64(w + 64 * r);                \
