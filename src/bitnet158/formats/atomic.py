@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .pages import drop_cached
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -86,8 +88,10 @@ def fsync_path(path: Path) -> None:
 
 
 def replace_file(tmp: Path, dst: Path) -> None:
-    """Move the finished temporary file onto `dst` in one atomic rename, durably."""
+    """Move the finished temporary file onto `dst` in one atomic rename, durably; its cached
+    pages are dropped (pages.drop_cached: the next load maps it in 2 MB pages)."""
     fsync_path(tmp)
+    drop_cached(tmp)
     os.replace(tmp, dst)
     fsync_path(dst.parent)
 

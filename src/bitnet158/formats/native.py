@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
 from ..packing import ours_packed_shape, pack_ours, unpack_ours
 from .atomic import replace_file, temporary_sibling
+from .pages import map_file
 
 FORMAT = "bitnet158"
 FORMAT_VERSION = "1"
@@ -305,7 +306,7 @@ def load_native(path: str | os.PathLike) -> NativeCheckpoint:
         raise FormatError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise FormatError(f"{path}: the file is empty")
-    buf = np.memmap(path, dtype=np.uint8, mode="r")  # tensors are views: nothing is copied
+    buf = map_file(path)  # tensors are views: nothing is copied
     header, start = read_header(path, buf)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
