@@ -4,6 +4,8 @@ and bad input as Python exceptions."""
 
 from __future__ import annotations
 
+import mmap
+import sys
 import threading
 
 import numpy as np
@@ -15,7 +17,7 @@ import bitnet158
 from bitnet158 import _native
 from bitnet158.engine import model as engine_model
 from bitnet158.errors import GenerationError
-from bitnet158.formats.native import save_native
+from bitnet158.formats.native import load_native, save_native
 
 ISAS = _native.available_isas()
 
@@ -213,6 +215,36 @@ def test_released_pages_of_a_mapped_file_read_back(tmp_path):
     np.testing.assert_array_equal(view, want[5:])
     assert engine_model._mapping_of(want) is None
     engine_model._release_pages(want)  # a no-op
+
+
+def mapped_pages(array: np.ndarray) -> int:
+    """Pages of an array's memory that this process maps now (/proc/self/pagemap's present
+    bits, which unprivileged processes may read)."""
+    page = mmap.PAGESIZE
+    first, last = array.ctypes.data // page, (array.ctypes.data + array.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), dtype="<u8")
+    return int((entries >> np.uint64(63)).sum())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/pagemap")
+@pytest.mark.parametrize("head", ["int8", "q4"])
+def test_looked_up_embedding_rows_are_unmapped_again(tmp_path, head):
+    """With a compressed output layer only lookups read the mapped embedding. A file cached in
+    2 MB folios maps a whole folio per lookup, so each looked-up row is unmapped again: none
+    of the embedding stays mapped, and the logits are those of the same model in memory."""
+    cfg = make_config("relu2-subln-gqa-tied", vocab_size=8192, hidden_size=256)
+    path = save_native(tmp_path / "m.safetensors", cfg, random_tensors(cfg), TOKENIZER_JSON)
+    ckpt = load_native(path)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=48)
+    engine = engine_model.EngineModel(ckpt.config, ckpt.tensors, lm_head=head)
+    got = engine.forward(ids, engine.new_cache(len(ids)))
+    embed = ckpt.tensors["embed.weight"]
+    assert embed.nbytes >= 8 << 20 and mapped_pages(embed) <= 2  # the edge pages at most
+    copies = {name: np.array(value) for name, value in ckpt.tensors.items()}
+    in_memory = engine_model.EngineModel(ckpt.config, copies, lm_head=head)
+    np.testing.assert_array_equal(got, in_memory.forward(ids, in_memory.new_cache(len(ids))))
 
 
 def engine_and_torch(tmp_path, cfg, tensors, ids, exact=None):

@@ -51,13 +51,17 @@ def _float_matrix(tensors: dict[str, np.ndarray], name: str) -> tuple[np.ndarray
 
 
 def _mapping_of(array: np.ndarray) -> tuple[mmap.mmap, int] | None:
-    """The mmap an array views (as formats.native's memory-mapped tensors do) and the array's
-    offset in it, or None for ordinary memory."""
+    """The read-only mmap an array views (as formats.native's memory-mapped tensors do) and
+    the array's offset in it, or None for other memory: unmapping pages of a writable or
+    copy-on-write mapping could discard what was written there."""
     base = array
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None)
     if base is None:
         return None
+    with memoryview(base) as view:
+        if not view.readonly:
+            return None
     return base, array.ctypes.data - np.frombuffer(base, dtype=np.uint8).ctypes.data
 
 
@@ -142,7 +146,10 @@ class EngineModel:
                 ],
             )
         embed, embed_bf16 = _float_matrix(tensors, "embed.weight")
-        self.native.set_embedding(embed, embed_bf16)
+        # Only lookups read a mapped embedding that is not the output layer as it is stored.
+        lookups_only = lm_head != "exact" or not cfg.tie_word_embeddings
+        release_rows = lookups_only and _mapping_of(embed) is not None
+        self.native.set_embedding(embed, embed_bf16, release_rows)
         head, head_bf16 = (None, embed_bf16)
         if not cfg.tie_word_embeddings:
             head, head_bf16 = _float_matrix(tensors, "lm_head.weight")

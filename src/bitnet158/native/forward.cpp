@@ -8,6 +8,10 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#if defined(__unix__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "threadpool.h"
 
@@ -81,6 +85,29 @@ BITNET158_CLONES void nibble_codes(const float* __restrict x, float inv, uint8_t
     for (int i = 0; i < 32; ++i)
         q[i] = static_cast<uint8_t>(std::min(7.0f, std::max(-8.0f, std::nearbyint(x[i] * inv))) +
                                     8.0f);
+}
+
+// Unmap the pages around embedding row `token` (ModelWeights::release_embed_rows). A file
+// cached in 2 MB folios (formats/pages.py) maps a whole folio on a read fault (Linux 6.18), so
+// the lookups of a 512-token prompt mapped ~500 MB of embedding rows into the resident memory;
+// the page cache keeps them. The span stays inside the embedding's own pages: the rest of the
+// file's mapping (the ternary weights) keeps its 2 MB mappings.
+void release_row(const ModelWeights& m, int32_t token) {
+#if defined(__unix__)
+    constexpr uintptr_t kFolio = uintptr_t(2) << 20;
+    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+    const uintptr_t row_bytes = uintptr_t(m.shape.hidden) * dtype_size(m.embed_dtype);
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(m.embed);
+    const uintptr_t end = begin + uintptr_t(m.shape.vocab) * row_bytes;
+    const uintptr_t row = begin + uintptr_t(token) * row_bytes;
+    const uintptr_t lo = std::max(row & ~(kFolio - 1), (begin + page - 1) & ~(page - 1));
+    const uintptr_t hi = std::min((row + row_bytes + kFolio - 1) & ~(kFolio - 1), end & ~(page - 1));
+    if (hi > lo)
+        madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+#else
+    (void)m;
+    (void)token;
+#endif
 }
 
 // A norm applied to a matmul input: RMSNorm, or LayerNorm (mean-centred first), with an
@@ -245,6 +272,8 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
 
     for_rows(T, H, [&](int64_t t) {
         to_float_row(m.embed, m.embed_dtype, int64_t(tokens[t]) * H, H, &x[size_t(t * H)]);
+        if (m.release_embed_rows)
+            release_row(m, tokens[t]);
     });
 
     const NormSpec inner{sh.inner_norm, nullptr, sh.inner_eps, false};

@@ -57,6 +57,9 @@ struct ModelWeights {
     ModelShape shape;
     const void* embed = nullptr;  // [vocab, hidden] of embed_dtype
     Dtype embed_dtype = Dtype::f32;
+    // The embedding is a read-only file mapping used for lookups only (the output layer is
+    // another matrix or a compressed copy): each looked-up row is unmapped again (forward.cpp).
+    bool release_embed_rows = false;
     const float* final_norm = nullptr;  // float32[hidden], null: no weight
     OutputLayer head;
     std::vector<LayerWeights> layers;

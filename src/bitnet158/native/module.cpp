@@ -350,7 +350,7 @@ public:
         set_[size_t(i)] = true;
     }
 
-    void set_embedding(Arr embed, bool bf16) {
+    void set_embedding(Arr embed, bool bf16, bool release_rows) {
         const ModelShape& sh = w_.shape;
         const Dtype dtype = float_dtype(embed, bf16, "embed");
         check_layout(embed, 2, embed.itemsize(), "embed");
@@ -358,6 +358,7 @@ public:
         keep_.push_back(nb::cast(embed));
         w_.embed_dtype = dtype;
         w_.embed = embed.data();
+        w_.release_embed_rows = release_rows;
     }
 
     // The float output layer (None: the embedding, tied) and the final norm's weight.
@@ -685,7 +686,11 @@ NB_MODULE(_native, m) {
              "ffn_sub_norm"_a.noconvert().none(), "packed"_a.noconvert(), "betas"_a,
              "Layer i: norm weights (None: none) and the 7 packed projections q, k, v, o, gate, "
              "up, down with their scales.")
-        .def("set_embedding", &NativeModel::set_embedding, "embed"_a.noconvert(), "bf16"_a = false)
+        .def("set_embedding", &NativeModel::set_embedding, "embed"_a.noconvert(), "bf16"_a = false,
+             "release_rows"_a = false,
+             "release_rows: embed is a read-only file mapping that only lookups read; each "
+             "looked-up row's pages are unmapped again (never pass it for anonymous memory: "
+             "unmapping discards that).")
         .def("set_output", &NativeModel::set_output, "final_norm"_a.noconvert().none(),
              "head"_a.noconvert().none(), "bf16"_a = false,
              "Final norm weight and output layer (None: tied to the embedding).")
