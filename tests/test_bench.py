@@ -43,13 +43,18 @@ def test_run_and_report_without_peers(tmp_path, tiny_shape):
     )  # fmt: skip
     runs = results["shapes"][tiny_shape]["runs"]
     assert [r["weights"] for r in runs] == [
-        "2-bit ours + F16 head", "2-bit ours + int8 head", "2-bit ours + 4-bit head"
+        "2-bit ours + F16 head", "2-bit ours + int8 head", "2-bit ours + 4-bit head",
+        "1.6-bit ours + F16 head", "1.6-bit ours + 4-bit head",
     ]  # fmt: skip
     for r in runs:
         assert "error" not in r, r
         assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_rss"] > 0
         assert 0 < r["roofline_fraction"]
-    assert [r["head"] for r in runs] == ["float16", "int8", "q4"]
+    assert [r["head"] for r in runs] == ["float16", "int8", "q4", "float16", "q4"]
+    tq1 = load_native(tmp_path / f"{tiny_shape}-tq1.safetensors")  # the same model, 1.6-bit
+    assert tq1.layout == "tq1"
+    packed = sum(v.nbytes for k, v in tq1.tensors.items() if k.endswith(".packed"))
+    assert bench.decode_bytes_per_token(tq1.config, "float16", "tq1")["ternary"] == packed
     runs.append(dict(engine="llama.cpp", weights="TQ2_0 + F16", prefill_tps=2.0, decode_tps=1.0))
     runs.append(dict(engine="transformers", weights="BitNetForCausalLM", error="not installed"))
     table = bench.markdown(results)

@@ -182,5 +182,5 @@ def load(
     ckpt = read_checkpoint(path)
     check_finite(ckpt)
     tokenizer = checkpoint_tokenizer(ckpt)
-    engine = EngineModel(ckpt.config, ckpt.tensors, lm_head=lm_head)
+    engine = EngineModel(ckpt.config, ckpt.tensors, lm_head=lm_head, layout=ckpt.layout)
     return Model(ckpt.config, engine, tokenizer, Path(ckpt.path), max_context, kv_cache_dtype)

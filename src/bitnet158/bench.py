@@ -1,7 +1,8 @@
 """`bitnet158 bench`: our engine against llama.cpp and transformers, in one run, same threads.
 
 Random-weight models of real shapes (microsoft/bitnet-b1.58-2B-4T, 1bitLLM's 700M) are written
-in our format and, through `formats.gguf`, as llama.cpp TQ2_0 / TQ1_0 GGUF files. Each engine
+in our format (2-bit layout, and the 1.6-bit one of `convert --to bitnet158-tq1`) and, through
+`formats.gguf`, as llama.cpp TQ2_0 / TQ1_0 GGUF files. Each engine
 runs in its own subprocess (so load time and peak RSS are its own) and is measured as
 llama-bench measures: prefill of a random prompt (pp, tokens/s) and decode of tokens one at a
 time from an empty context (tg, tokens/s). The machine's memory read bandwidth, measured in the
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
+from .formats.convert import convert
 from .formats.pages import drop_cached
 
 # The shapes of the issue: microsoft/bitnet-b1.58-2B-4T (ReLU², GQA 20/5) and 1bitLLM's
@@ -211,7 +213,7 @@ def worker_bitnet158(args: dict) -> dict:
     _native.set_num_threads(args["threads"])
     t0 = time.perf_counter()
     ckpt = load_native(args["path"])
-    engine = EngineModel(ckpt.config, ckpt.tensors, lm_head=args["lm_head"])
+    engine = EngineModel(ckpt.config, ckpt.tensors, lm_head=args["lm_head"], layout=ckpt.layout)
     load_s = time.perf_counter() - t0
     V = ckpt.config.vocab_size
     rng = np.random.default_rng(0)
@@ -416,12 +418,13 @@ def read_bandwidth(threads: int, size: int = 1 << 30, reps: int = 5) -> float:
     return size / best
 
 
-def decode_bytes_per_token(cfg: ModelConfig, head: str) -> dict[str, int]:
-    """Bytes a decode step must read: packed ternary layers (ours), and the output layer."""
-    from .formats.native import projection_shapes
-    from .packing import ours_packed_shape
+def decode_bytes_per_token(cfg: ModelConfig, head: str, layout: str = "2bit") -> dict[str, int]:
+    """Bytes a decode step must read: packed ternary layers (ours, in `layout`), and the output
+    layer."""
+    from .formats.native import LAYOUTS, projection_shapes
 
-    ternary = sum(np.prod(ours_packed_shape(n, k)) for n, k in projection_shapes(cfg).values())
+    packed_shape = LAYOUTS[layout][0]
+    ternary = sum(np.prod(packed_shape(n, k)) for n, k in projection_shapes(cfg).values())
     V, H = cfg.vocab_size, cfg.hidden_size
     k64, k128 = -(-H // 64) * 64, -(-H // 128) * 128
     head_bytes = {
@@ -555,6 +558,17 @@ def run(
             args = dict(common, path=str(ours), lm_head=head, kv_dtype="float16")
             _measure(runs, shape, "bitnet158", f"2-bit ours + {label} head", "bitnet158", args,
                      log, bandwidth, decode_bytes_per_token(cfg, bytes_kind), probe_bytes)  # fmt: skip
+        # The 1.6-bit layout (`convert --to bitnet158-tq1`) of the same model, to compare.
+        ours_tq1 = workdir / f"{shape}-tq1.safetensors"
+        if not ours_tq1.exists():
+            log(f"[{shape}] writing its 1.6-bit layout: {ours_tq1}")
+            convert(ours, ours_tq1, to="bitnet158-tq1")
+        read_from_disk(ours_tq1)
+        for head, label, bytes_kind in HEADS[::2]:  # F16 and 4-bit
+            args = dict(common, path=str(ours_tq1), lm_head=head, kv_dtype="float16")
+            _measure(runs, shape, "bitnet158", f"1.6-bit ours + {label} head", "bitnet158",
+                     args, log, bandwidth, decode_bytes_per_token(cfg, bytes_kind, "tq1"),
+                     probe_bytes)  # fmt: skip
         if not peers:
             continue
         missing = _llama_cpp_available()

@@ -781,9 +781,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--to",
         choices=TARGETS,
         default="bitnet158",
-        help="bitnet158: our packed file (default); gguf-tq2_0 / gguf-tq1_0: llama.cpp's "
-        "bitnet architecture; hf: transformers' packed BitNet; hf-bf16: bf16 weights for "
-        "fine-tuning",
+        help="bitnet158: our packed file, 2 bits per weight (default); bitnet158-tq1: the same "
+        "with 1.6 bits per weight (5 per byte: 20%% fewer bytes, faster decode on CPUs with "
+        "AVX-512 VBMI such as Intel Sapphire Rapids, slower elsewhere); gguf-tq2_0 / "
+        "gguf-tq1_0: llama.cpp's bitnet architecture; hf: transformers' packed BitNet; "
+        "hf-bf16: bf16 weights for fine-tuning",
     )
     p.add_argument(
         "--embedding-type",

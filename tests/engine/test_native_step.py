@@ -247,6 +247,39 @@ def test_looked_up_embedding_rows_are_unmapped_again(tmp_path, head):
     np.testing.assert_array_equal(got, in_memory.forward(ids, in_memory.new_cache(len(ids))))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(hidden_size=2 * 136, num_heads=2, num_kv_heads=1),  # k of 272 and 96 (< 320)
+        dict(hidden_size=640, intermediate_size=1000, num_heads=10, num_kv_heads=5),
+    ],
+)
+def test_the_16_bit_layout_gives_the_2bit_logits_on_every_isa(tmp_path, overrides):
+    """The same ternary model in both layouts: every integer dot product is exact, so the logits
+    agree bit for bit on every ISA: a 37-token prefill (AMX tiles where offered), one-token
+    decode steps and a batched decode of 3 sequences."""
+    cfg = make_config("relu2-subln-gqa-tied", **overrides)
+    tensors = random_tensors(cfg, seed=5)
+    engines = []
+    for layout in ("2bit", "tq1"):
+        path = save_native(tmp_path / f"{layout}.safetensors", cfg, tensors, TOKENIZER_JSON,
+                           layout=layout)  # fmt: skip
+        engines.append(bitnet158.load(path).engine)
+    ids = np.random.default_rng(1).integers(3, VOCAB, size=37)
+    for isa in ISAS:
+        two_bit, tq1 = (native_logits(e, ids, isa) for e in engines)
+        np.testing.assert_array_equal(tq1, two_bit, err_msg=isa)
+    results = []
+    for engine in engines:
+        cache = engine.new_cache(48, slots=3)
+        for slot in range(3):
+            engine.forward(ids[slot : slot + 5], cache, slot=slot)
+        steps = [engine.forward(np.array([7]), cache, slot=0)]
+        steps.append(engine.decode([8, 9, 10], cache, slots=[0, 1, 2]))
+        results.append(np.concatenate(steps))
+    np.testing.assert_array_equal(results[1], results[0])
+
+
 def engine_and_torch(tmp_path, cfg, tensors, ids, exact=None):
     """Our engine on a file of `tensors`, and torch's logits of ids (on `exact`: the values torch
     sees where the file holds half-precision bits)."""

@@ -15,6 +15,7 @@ from bitnet158.formats.native import save_native, unpack_tensors
 
 OUTPUT_NAMES = {
     "bitnet158": "out.safetensors",
+    "bitnet158-tq1": "out.safetensors",
     "gguf-tq2_0": "out.gguf",
     "gguf-tq1_0": "out.gguf",
     "hf": "out-hf",
@@ -49,7 +50,9 @@ def test_every_target_and_back(tmp_path, capsys, model, to):
         assert "layers" in err
     assert source_kind(dst) == ("hf" if to.startswith("hf") else to.split("-")[0])
     # whatever was written reads back to the same ternary model
-    back = unpack_tensors(cfg, read_checkpoint(dst).tensors)
+    written = read_checkpoint(dst)
+    assert written.layout == ("tq1" if to == "bitnet158-tq1" else "2bit")
+    back = unpack_tensors(cfg, written.tensors, written.layout)
     for name, value in tensors.items():
         if name.endswith(".codes"):
             np.testing.assert_array_equal(back[name], value, err_msg=name)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from bitnet158 import packing
 from bitnet158.config import ModelConfig
 from bitnet158.errors import FormatError
 from bitnet158.formats.native import load_native, save_native, unpack_tensors
@@ -89,6 +90,31 @@ def test_layout_is_plain_aligned_safetensors(saved):
             np.testing.assert_array_equal(f.get_tensor(name), ckpt.tensors[name])
 
 
+def test_the_16_bit_layout_round_trips(tmp_path, tensors):
+    """5 trits per byte (`--to bitnet158-tq1`): version 2 with the layout named, packed by
+    packing.pack_ours_tq1, read back to the same codes, still plain safetensors."""
+    from safetensors import safe_open
+
+    path = save_native(tmp_path / "m.safetensors", CFG, tensors, TOKENIZER, layout="tq1")
+    header, _ = read_parts(path)
+    assert header["__metadata__"]["format_version"] == "2"
+    assert header["__metadata__"]["layout"] == "tq1"
+    ckpt = load_native(path)
+    assert ckpt.layout == "tq1"
+    n, k = CFG.intermediate_size, CFG.hidden_size
+    assert ckpt.tensors["layers.0.up.packed"].shape == packing.ours_tq1_packed_shape(n, k)
+    np.testing.assert_array_equal(
+        ckpt.tensors["layers.0.up.packed"], packing.pack_ours_tq1(tensors["layers.0.up.codes"])
+    )
+    back = unpack_tensors(CFG, ckpt.tensors, ckpt.layout)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+    with safe_open(path, "numpy") as f:
+        assert set(f.keys()) == set(ckpt.tensors)
+    with pytest.raises(FormatError, match="layout 'tq2'"):
+        save_native(tmp_path / "x.safetensors", CFG, tensors, TOKENIZER, layout="tq2")
+
+
 def test_bf16_is_stored_as_bf16(tmp_path, tensors):
     bits = (tensors["embed.weight"].view(np.uint32) >> 16).astype(np.uint16)
     path = save_native(tmp_path / "m.safetensors", CFG, {**tensors, "embed.weight": bits}, "{}")
@@ -128,6 +154,11 @@ def _corrupt(path, edit) -> None:
         (lambda h, p: h["norm.weight"].update(dtype="F16") or p, "norm.weight"),
         (lambda h, p: h["norm.weight"].update(dtype="Q4") or p, "norm.weight.*dtype"),
         (lambda h, p: h["__metadata__"].update(config="{}") or p, "config"),
+        # a 1.6-bit file is version 2 with its layout named; any other pairing is refused
+        (lambda h, p: h["__metadata__"].update(layout="tq1") or p, "layout 'tq1'.*version '1'"),
+        (lambda h, p: h["__metadata__"].update(format_version="2") or p, "layout '2bit'"),
+        (lambda h, p: h["__metadata__"].update(layout="tq3", format_version="2") or p, "tq3"),
+        (lambda h, p: h["__metadata__"].update(layout=["tq1"]) or p, "layout is not a string"),
     ],
 )
 def test_corrupt_files_raise_format_error(saved, edit, message):

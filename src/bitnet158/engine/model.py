@@ -13,6 +13,7 @@ decode, the same GEMM path).
 from __future__ import annotations
 
 import mmap
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,13 +103,25 @@ class EngineModel:
     `lm_head`: "exact" runs the output layer in its stored dtype (F32/F16/BF16, as the
     checkpoint has it); "int8" quantizes it per row at load (half the bytes of F16 per token),
     "q4" to 4 bits in groups of 32 (0.56 bytes per weight). The embedding lookup stays exact.
+    `layout`: how the `.packed` tensors are packed, "2bit" or "tq1" (formats.native.LAYOUTS).
     """
 
     def __init__(
-        self, config: ModelConfig, tensors: dict[str, np.ndarray], lm_head: str = "exact"
+        self,
+        config: ModelConfig,
+        tensors: dict[str, np.ndarray],
+        lm_head: str = "exact",
+        layout: str = "2bit",
     ) -> None:
         if lm_head not in HEAD_KINDS:
             raise ValueError(f"lm_head must be one of {HEAD_KINDS}, got {lm_head!r}")
+        if layout == "tq1" and _native.tq1_kernel() == "scalar":
+            warnings.warn(
+                "this CPU has no kernel for the 1.6-bit layout (it needs AVX-512 VBMI): the "
+                "portable one runs, many times slower; convert the model to the 2-bit layout "
+                "(`bitnet158 convert MODEL OUT --to bitnet158`)",
+                stacklevel=2,
+            )
         self.config = cfg = config
         self.native = _native.Model(
             hidden=cfg.hidden_size,
@@ -125,6 +138,7 @@ class EngineModel:
             eps=cfg.rms_norm_eps,
             inner_eps=cfg.inner_norm_eps,
             inv_freq=rope_inv_freq(cfg.head_dim, cfg.rope_theta),
+            layout=layout,
         )
 
         def vector(name: str) -> np.ndarray | None:

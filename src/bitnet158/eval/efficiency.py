@@ -181,7 +181,7 @@ def worker_bitnet158_batched(args: dict) -> dict:
 
     _native.set_num_threads(args["threads"])
     ckpt = load_native(args["path"])
-    engine = EngineModel(ckpt.config, ckpt.tensors, lm_head="exact")
+    engine = EngineModel(ckpt.config, ckpt.tensors, lm_head="exact", layout=ckpt.layout)
     B, seq, steps = args["batch"], args["seq"], args["steps"]
     cache = engine.new_cache(seq + steps + 1, "float16", slots=B)
     rng = np.random.default_rng(0)

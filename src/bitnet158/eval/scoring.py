@@ -156,7 +156,7 @@ class TorchScorer(Scorer):
         cfg = ckpt.config
         with warnings.catch_warnings():  # torch warns about the read-only memory-mapped norms
             warnings.simplefilter("ignore", UserWarning)
-            tensors = unpack_tensors(cfg, ckpt.tensors)
+            tensors = unpack_tensors(cfg, ckpt.tensors, ckpt.layout)
             self.model = Transformer.from_tensors(cfg, tensors).eval()
         self.tokenizer = checkpoint_tokenizer(ckpt)  # the engine's tokenizer: identical token ids
         self.max_context = max_context or cfg.max_position_embeddings

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError
-from ..packing import pack_ours, unpack_ours
+from ..packing import pack_ours
 from .native import (
+    LAYOUTS,
+    PROJECTIONS,
     NativeCheckpoint,
     load_native,
     pack_tensors,
@@ -30,8 +32,9 @@ from .tokenizer import read_chat_template
 
 SHIPPED_NAME = "shakespeare-b158"
 SHIPPED_PATH = Path(__file__).resolve().parent.parent / "models" / f"{SHIPPED_NAME}.safetensors"
-# `convert --to` targets: our file, llama.cpp GGUF, Hugging Face packed / bf16 latent
-TARGETS = ("bitnet158", "gguf-tq2_0", "gguf-tq1_0", "hf", "hf-bf16")
+# `convert --to` targets: our file (2-bit or 1.6-bit layout), llama.cpp GGUF, Hugging Face
+# packed / bf16 latent
+TARGETS = ("bitnet158", "bitnet158-tq1", "gguf-tq2_0", "gguf-tq1_0", "hf", "hf-bf16")
 
 Progress = Callable[[Iterable], Iterable]
 
@@ -115,18 +118,15 @@ class LazyCanonical(Mapping):
     (2 GB) at once.
     """
 
-    def __init__(self, config, packed: dict[str, np.ndarray]) -> None:
-        self.config, self.packed = config, packed
+    def __init__(self, config, packed: dict[str, np.ndarray], layout: str = "2bit") -> None:
+        self.config, self.packed, self.layout = config, packed, layout
         self.names = {
             n.removesuffix(".packed") + ".codes" if n.endswith(".packed") else n: n for n in packed
         }
 
     def __getitem__(self, name: str) -> np.ndarray:
         stored = self.names[name]
-        if stored.endswith(".packed"):
-            n, k = projection_shapes(self.config)[name.rsplit(".", 2)[1]]
-            return unpack_ours(self.packed[stored], n, k)
-        return unpack_tensors(self.config, {stored: self.packed[stored]})[name]
+        return unpack_tensors(self.config, {stored: self.packed[stored]}, self.layout)[name]
 
     def __iter__(self):
         return iter(self.names)
@@ -143,6 +143,19 @@ def _pack_layers(config, tensors: dict, progress: Progress | None) -> dict:
     for i in progress(range(config.num_layers)):
         for name in [n for n in out if n.startswith(f"layers.{i}.") and n.endswith(".codes")]:
             out[name.removesuffix(".codes") + ".packed"] = pack_ours(out.pop(name))
+    return out
+
+
+def _repack(
+    ckpt: NativeCheckpoint, canonical: LazyCanonical, layout: str, progress: Progress | None
+) -> dict[str, np.ndarray]:
+    """ckpt's tensors with every ternary matrix packed into `layout`, a layer at a time."""
+    pack = LAYOUTS[layout][1]
+    out = {n: v for n, v in ckpt.tensors.items() if not n.endswith(".packed")}
+    layers = range(ckpt.config.num_layers)
+    for i in progress(layers) if progress else layers:
+        for proj in PROJECTIONS:
+            out[f"layers.{i}.{proj}.packed"] = pack(canonical[f"layers.{i}.{proj}.codes"])
     return out
 
 
@@ -171,17 +184,21 @@ def convert(
     kind = source_kind(src_path)
     ckpt = read_checkpoint(src_path, progress)
     source = ckpt.source or str(src)
-    if to == "bitnet158":
-        save_native(dst, ckpt.config, ckpt.tensors, ckpt.tokenizer_json, ckpt.chat_template, source)
+    canonical = LazyCanonical(ckpt.config, ckpt.tensors, ckpt.layout)
+    if to.startswith("bitnet158"):
+        layout = "tq1" if to == "bitnet158-tq1" else "2bit"
+        tensors = ckpt.tensors  # packed tensors pass through when the layout stays
+        if layout != ckpt.layout:
+            tensors = _repack(ckpt, canonical, layout, progress)
+        save_native(dst, ckpt.config, tensors, ckpt.tokenizer_json, ckpt.chat_template, source,
+                    layout)  # fmt: skip
     elif to.startswith("gguf-"):
         from .gguf import write_gguf
 
-        canonical = LazyCanonical(ckpt.config, ckpt.tensors)
         write_gguf(dst, ckpt, canonical, to.removeprefix("gguf-"), embedding_type, progress)
     else:
         from .hf_export import save_hf
 
-        canonical = LazyCanonical(ckpt.config, ckpt.tensors)
         save_hf(dst, ckpt, canonical, latent=to == "hf-bf16", progress=progress)
     return {"path": str(dst), "from": kind, "to": to, **output_summary(dst, ckpt, to)}
 
@@ -251,7 +268,7 @@ def describe(path: str | os.PathLike | None) -> dict:
     formats = {
         "hf": "Hugging Face checkpoint (converted on load)",
         "gguf": "GGUF (converted on load)",
-        "bitnet158": "bitnet158 packed",
+        "bitnet158": "bitnet158 packed" + (" (1.6-bit layout)" if ckpt.layout == "tq1" else ""),
     }
     return {
         "path": str(p),

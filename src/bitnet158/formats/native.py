@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,26 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError, FormatError
-from ..packing import ours_packed_shape, pack_ours, unpack_ours
+from ..packing import (
+    ours_packed_shape,
+    ours_tq1_packed_shape,
+    pack_ours,
+    pack_ours_tq1,
+    unpack_ours,
+    unpack_ours_tq1,
+)
 from .atomic import replace_file, temporary_sibling
 from .pages import map_file
 
 FORMAT = "bitnet158"
-FORMAT_VERSION = "1"
+# How the ternary matrices are packed: (packed shape, pack, unpack) of each layout. A 1.6-bit
+# file says so in its metadata ("layout") and has format version 2, which earlier readers
+# refuse by name instead of failing on its shapes.
+LAYOUTS = {
+    "2bit": (ours_packed_shape, pack_ours, unpack_ours),
+    "tq1": (ours_tq1_packed_shape, pack_ours_tq1, unpack_ours_tq1),
+}
+FORMAT_VERSIONS = {"2bit": "1", "tq1": "2"}
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 FLOAT_MATRICES = ("embed.weight", "lm_head.weight")  # kept in their source dtype
 MAX_HEADER = 100 << 20  # the official reader's limit too
@@ -54,6 +69,7 @@ class NativeCheckpoint:
     chat_template: str | None
     path: Path
     source: str | None = None
+    layout: str = "2bit"  # of the `.packed` tensors: a key of LAYOUTS
 
 
 def check_finite(ckpt: NativeCheckpoint) -> None:
@@ -91,8 +107,9 @@ def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name a native file of this config holds, with its shape."""
+def expected_shapes(config: ModelConfig, layout: str = "2bit") -> dict[str, tuple[int, ...]]:
+    """Every tensor name a native file of this config (and layout) holds, with its shape."""
+    packed_shape = LAYOUTS[layout][0]
     H, V = config.hidden_size, config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (V, H)}
     if not config.tie_word_embeddings:
@@ -108,7 +125,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "attn_sub_norm.weight"] = (config.q_size,)
             shapes[p + "ffn_sub_norm.weight"] = (config.intermediate_size,)
         for proj, (n, k) in projection_shapes(config).items():
-            shapes[p + proj + ".packed"] = ours_packed_shape(n, k)
+            shapes[p + proj + ".packed"] = packed_shape(n, k)
             shapes[p + proj + ".scale"] = (1,)
     return shapes
 
@@ -125,15 +142,20 @@ def _float_matrix(name: str, value: np.ndarray) -> np.ndarray:
     raise FormatError(f"tensor {name}: unsupported dtype {value.dtype} (want F32, F16 or BF16)")
 
 
-def pack_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Canonical tensors (`.codes`) -> native tensors (`.packed`, scales float32[1]).
+def pack_tensors(
+    config: ModelConfig, tensors: Mapping[str, np.ndarray], layout: str = "2bit"
+) -> dict[str, np.ndarray]:
+    """Canonical tensors (`.codes`) -> native tensors (`.packed` in `layout`, scales
+    float32[1]).
 
-    Tensors already packed pass through, so a loaded native checkpoint can be re-saved.
+    Tensors already packed (in `layout`) pass through, so a loaded native checkpoint can be
+    re-saved.
     """
+    pack = LAYOUTS[layout][1]
     out: dict[str, np.ndarray] = {}
     for name, value in tensors.items():
         if name.endswith(".codes"):
-            out[name[: -len(".codes")] + ".packed"] = pack_ours(np.asarray(value, dtype=np.int8))
+            out[name[: -len(".codes")] + ".packed"] = pack(np.asarray(value, dtype=np.int8))
         elif name.endswith(".packed"):
             out[name] = np.asarray(value, dtype=np.uint8)
         elif name.endswith(".scale"):
@@ -142,17 +164,21 @@ def pack_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[st
             out[name] = _float_matrix(name, value)
         else:
             out[name] = np.asarray(value, dtype=np.float32)
-    _check_names(config, out, "tensors to save")
+    _check_names(config, out, "tensors to save", layout)
     return out
 
 
-def unpack_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Native tensors (`.packed`) -> canonical tensors (`.codes` int8, scalar float32 scales)."""
+def unpack_tensors(
+    config: ModelConfig, tensors: dict[str, np.ndarray], layout: str = "2bit"
+) -> dict[str, np.ndarray]:
+    """Native tensors (`.packed` in `layout`) -> canonical tensors (`.codes` int8, scalar
+    float32 scales)."""
+    unpack = LAYOUTS[layout][2]
     out: dict[str, np.ndarray] = {}
     for name, value in tensors.items():
         if name.endswith(".packed"):
             n, k = projection_shapes(config)[name.rsplit(".", 2)[1]]
-            out[name[: -len(".packed")] + ".codes"] = unpack_ours(value, n, k)
+            out[name[: -len(".packed")] + ".codes"] = unpack(value, n, k)
         elif name.endswith(".scale"):
             out[name] = np.float32(np.asarray(value).reshape(-1)[0])
         else:
@@ -160,13 +186,15 @@ def unpack_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[
     return out
 
 
-def _check_names(config: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
+def _check_names(
+    config: ModelConfig, tensors: dict[str, np.ndarray], where: str, layout: str
+) -> None:
     if config.num_layers * len(PROJECTIONS) > len(tensors):  # before sizing anything by it
         raise FormatError(
             f"{where}: the config declares {config.num_layers} layers but there are only "
             f"{len(tensors)} tensors"
         )
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, layout)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise FormatError(f"{where}: missing tensor(s) {', '.join(missing[:5])}")
@@ -196,16 +224,22 @@ def save_native(
     tokenizer_json: str,
     chat_template: str | None = None,
     source: str | None = None,
+    layout: str = "2bit",
 ) -> Path:
-    """Write canonical (or already packed) tensors to our `.safetensors` file, atomically."""
+    """Write canonical (or already packed, in `layout`) tensors to our `.safetensors` file,
+    atomically, with the ternary matrices in `layout` (a key of LAYOUTS)."""
+    if layout not in LAYOUTS:
+        raise FormatError(f"unknown weight layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     path = Path(path)
-    native = pack_tensors(config, tensors)
+    native = pack_tensors(config, tensors, layout)
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSIONS[layout],
         "config": config.to_json(),
         "tokenizer": tokenizer_json,
     }
+    if layout != "2bit":
+        metadata["layout"] = layout
     if chat_template is not None:
         metadata["chat_template"] = chat_template
     if source is not None:
@@ -316,22 +350,29 @@ def load_native(path: str | os.PathLike) -> NativeCheckpoint:
             f"{path}: not a bitnet158 file (metadata format is {meta.get('format')!r} "
             f"if any); convert it first with `bitnet158 convert`"
         )
-    if meta.get("format_version") != FORMAT_VERSION:
+    for key in ("config", "tokenizer", "chat_template", "source", "layout"):  # all strings
+        if key in meta and not isinstance(meta[key], str):
+            raise FormatError(f"{path}: metadata {key} is not a string")
+    version, layout = meta.get("format_version"), meta.get("layout", "2bit")
+    if version not in FORMAT_VERSIONS.values():
         raise FormatError(
-            f"{path}: bitnet158 format version {meta.get('format_version')!r} is not supported "
-            f"(this version reads {FORMAT_VERSION!r})"
+            f"{path}: bitnet158 format version {version!r} is not supported (this version "
+            f"reads {', '.join(map(repr, FORMAT_VERSIONS.values()))})"
+        )
+    if FORMAT_VERSIONS.get(layout) != version:
+        known = ", ".join(f"{k} in version {v}" for k, v in FORMAT_VERSIONS.items())
+        raise FormatError(
+            f"{path}: weight layout {layout!r} does not go with format version {version!r} "
+            f"(known layouts: {known})"
         )
     if "tokenizer" not in meta or "config" not in meta:
         raise FormatError(f"{path}: the metadata lacks the config or the tokenizer")
-    for key in ("config", "tokenizer", "chat_template", "source"):  # safetensors: all strings
-        if key in meta and not isinstance(meta[key], str):
-            raise FormatError(f"{path}: metadata {key} is not a string")
     try:
         config = ModelConfig.from_json(meta["config"])
     except ConfigError as exc:
         raise FormatError(f"{path}: bad config in the metadata: {exc}") from None
     tensors = _tensor_views(path, buf, header, start)
-    _check_names(config, tensors, str(path))
+    _check_names(config, tensors, str(path), layout)
     for name in tensors:
         got = tensors[name].dtype
         want = (
@@ -350,4 +391,5 @@ def load_native(path: str | os.PathLike) -> NativeCheckpoint:
         chat_template=meta.get("chat_template"),
         path=path,
         source=meta.get("source"),
+        layout=layout,
     )

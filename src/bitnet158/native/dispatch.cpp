@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "kernels.h"
+#include "kernels_tq1.h"
 #include "threadpool.h"
 
 namespace bitnet158 {
@@ -63,13 +64,14 @@ constexpr int64_t kAmxTokens = 128;
 const Kernels& kernels_for(Isa isa) {
     static const Kernels scalar{quantize_row_scalar, gemm_groups_scalar, attend_scalar,
                                 float_rows_scalar,   int8_rows_scalar,   silu_mul_scalar,
-                                q4_rows_scalar};
+                                q4_rows_scalar,      tq1_groups_for(Isa::scalar)};
 #if defined(BITNET158_X86)
     static const Kernels avx2{quantize_row_avx2, gemm_groups_avx2, attend_avx2, float_rows_avx2,
-                              int8_rows_avx2,    silu_mul_avx2,    q4_rows_avx2};
+                              int8_rows_avx2,    silu_mul_avx2,    q4_rows_avx2,
+                              tq1_groups_for(Isa::avx2)};
     static const Kernels avx512{quantize_row_avx512, gemm_groups_avx512, attend_avx512,
                                 float_rows_avx512,   int8_rows_avx512,   silu_mul_avx512,
-                                q4_rows_avx512};
+                                q4_rows_avx512,      tq1_groups_for(Isa::avx512)};
     static const Kernels amx = [] {
         Kernels k = avx512;
         k.amx = true;
@@ -106,7 +108,8 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
     int64_t groups = 0;
     for (int64_t i = 0; i < ntasks; ++i)
         groups += cdiv(tasks[i].n, kRows);
-    // Chunks small enough for 4 per thread (dynamic balance), large enough to be worth a claim.
+    // Chunks small enough for 4 per thread (dynamic balance), large enough to be worth a claim
+    // (bytes of 2-bit groups: the 1.6-bit ones of a fused GEMM's tasks have the same count).
     const int64_t per_chunk = round_up(std::max(cdiv(kMinChunkBytes, kpad * std::min(T, tokens)),
                                                 cdiv(groups, 4 * int64_t(num_threads()))),
                                        amx ? kAmxPassGroups : 1);
@@ -128,12 +131,14 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
             part.i32 += ch.t0 * part.n;
         }
         const int64_t nt = std::min(tokens, T - ch.t0);
+        const bool tq1 = task.layout == Layout::tq1;
         if (amx)
             gemm_groups_amx(amx_x.get() + ch.t0 * kpad, x_sum + ch.t0, nt, kpad, task.packed,
-                            task.n, ch.g0, ch.g1, part);
+                            task.n, ch.g0, ch.g1, part, tq1);
         else
-            kern.gemm_groups(x_q + ch.t0 * kpad, x_sum + ch.t0, nt, kpad, task.packed, task.n,
-                             ch.g0, ch.g1, part);
+            (tq1 ? kern.gemm_groups_tq1 : kern.gemm_groups)(x_q + ch.t0 * kpad, x_sum + ch.t0, nt,
+                                                            kpad, task.packed, task.n, ch.g0,
+                                                            ch.g1, part);
     });
 }
 

@@ -38,6 +38,7 @@ struct Kernels {
     Int8RowsFn int8_rows;
     SiluMulFn silu_mul;
     Q4RowsFn q4_rows;
+    GemmGroupsFn gemm_groups_tq1 = nullptr;  // over 1.6-bit groups (kernels_tq1.h)
     bool amx = false;  // GEMMs of 12 or more tokens run on AMX tiles (dispatch.cpp)
 };
 const Kernels& kernels_for(Isa isa);
@@ -69,16 +70,22 @@ struct AlignedArray {
     T* get() const { return data.get(); }
 };
 
+// How a ternary matrix is packed: our 2-bit layout (packing.pack_ours, groups of kpad bytes,
+// kpad a multiple of 256) or the 1.6-bit one (pack_ours_tq1, kernels_tq1.h: kpad a multiple of
+// 320, groups of kpad * 4 / 5 bytes).
+enum class Layout { bits2, tq1 };
+
 // One matrix of a (possibly fused) GEMM: packed W [n, kpad] and where its results go.
 struct GemmTask {
     const uint8_t* packed;
     int64_t n;
     GemmOut out;
+    Layout layout = Layout::bits2;
 };
 
 // All dot products of x_q int8[T, kpad] (64-byte aligned, zero beyond k; x_sum its row sums)
 // with every task's matrix, as one job of the thread pool: the fused q/k/v or gate/up
-// projections share one quantized input and one wait.
+// projections share one quantized input and one wait. kpad suits every task's layout.
 void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum, int64_t T,
                     int64_t kpad, const GemmTask* tasks, int64_t ntasks);
 

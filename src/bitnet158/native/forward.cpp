@@ -13,6 +13,7 @@
 #include <unistd.h>
 #endif
 
+#include "kernels_tq1.h"
 #include "threadpool.h"
 
 // Row-wise float loops (norms, ReLU^2) compiled for AVX-512, AVX2 and the baseline, picked by
@@ -251,7 +252,9 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
     const int64_t H = sh.hidden, I = sh.inter, D = sh.head_dim, half = D / 2;
     const int64_t NH = sh.heads, KVH = sh.kv_heads, group = NH / KVH;
     const int64_t QS = NH * D, KVS = KVH * D, V = sh.vocab, L = sh.layers;
-    const int64_t kpH = round_up(H, kBlock), kpQ = round_up(QS, kBlock), kpI = round_up(I, kBlock);
+    const Layout lay = m.layout;
+    const int64_t kblock = lay == Layout::tq1 ? kTq1Block : kBlock;  // the layout's K padding
+    const int64_t kpH = round_up(H, kblock), kpQ = round_up(QS, kblock), kpI = round_up(I, kblock);
     const int64_t es = dtype_size(cache.dtype);
     const float scale = static_cast<float>(1.0 / std::sqrt(double(D)));
 
@@ -288,9 +291,9 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                      &s[size_t(t)], &xs[size_t(t)]);
         });
         const GemmTask qkv[3] = {
-            {w.q.packed, QS, to_f32(q.data(), s.data(), w.q.beta, QS, false)},
-            {w.k.packed, KVS, to_f32(kb.data(), s.data(), w.k.beta, KVS, false)},
-            {w.v.packed, KVS, to_f32(vb.data(), s.data(), w.v.beta, KVS, false)},
+            {w.q.packed, QS, to_f32(q.data(), s.data(), w.q.beta, QS, false), lay},
+            {w.k.packed, KVS, to_f32(kb.data(), s.data(), w.k.beta, KVS, false), lay},
+            {w.v.packed, KVS, to_f32(vb.data(), s.data(), w.v.beta, KVS, false), lay},
         };
         run_gemm_tasks(kern, xq_, xs.data(), T, kpH, qkv, 3);
 
@@ -329,7 +332,7 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
             prep_row(kern, &att[size_t(t * QS)], QS, attn_sub, inner, xq_ + t * kpQ, kpQ,
                      &s[size_t(t)], &xs[size_t(t)]);
         });
-        const GemmTask o{w.o.packed, H, to_f32(x.data(), s.data(), w.o.beta, H, true)};
+        const GemmTask o{w.o.packed, H, to_f32(x.data(), s.data(), w.o.beta, H, true), lay};
         run_gemm_tasks(kern, xq_, xs.data(), T, kpQ, &o, 1);
 
         // feed-forward: norm + quantize, fused gate/up, act(gate) * up + sub norm + quantize,
@@ -340,8 +343,8 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                      &xs[size_t(t)]);
         });
         const GemmTask gate_up[2] = {
-            {w.gate.packed, I, to_f32(gate.data(), s.data(), w.gate.beta, I, false)},
-            {w.up.packed, I, to_f32(up.data(), s.data(), w.up.beta, I, false)},
+            {w.gate.packed, I, to_f32(gate.data(), s.data(), w.gate.beta, I, false), lay},
+            {w.up.packed, I, to_f32(up.data(), s.data(), w.up.beta, I, false), lay},
         };
         run_gemm_tasks(kern, xq_, xs.data(), T, kpH, gate_up, 2);
 
@@ -354,7 +357,8 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                 kern.silu_mul(g, &up[size_t(t * I)], I);
             prep_row(kern, g, I, ffn_sub, inner, xq_ + t * kpI, kpI, &s[size_t(t)], &xs[size_t(t)]);
         });
-        const GemmTask down{w.down.packed, H, to_f32(x.data(), s.data(), w.down.beta, H, true)};
+        const GemmTask down{w.down.packed, H, to_f32(x.data(), s.data(), w.down.beta, H, true),
+                            lay};
         run_gemm_tasks(kern, xq_, xs.data(), T, kpI, &down, 1);
     }
 

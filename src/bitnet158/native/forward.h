@@ -55,6 +55,7 @@ struct OutputLayer {
 
 struct ModelWeights {
     ModelShape shape;
+    Layout layout = Layout::bits2;  // of every ternary matrix
     const void* embed = nullptr;  // [vocab, hidden] of embed_dtype
     Dtype embed_dtype = Dtype::f32;
     // The embedding is a read-only file mapping used for lookups only (the output layer is

@@ -108,8 +108,10 @@ constexpr int64_t kAmxTileTokens = 16;  // tokens per B tile
 constexpr int64_t kAmxPassGroups = 4;   // row groups per tile pass (16 rows: one A tile)
 bool amx_usable();  // CPUID has AMX-TILE and AMX-INT8, and Linux granted the tile state
 void amx_activations(const int8_t* x_q, int64_t T, int64_t kpad, int8_t* b);
+// tq1: packed holds 1.6-bit groups (kernels_tq1.h), kpad a multiple of their 320-value block.
 void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
-                     const uint8_t* packed, int64_t n, int64_t g0, int64_t g1, const GemmOut& out);
+                     const uint8_t* packed, int64_t n, int64_t g0, int64_t g1, const GemmOut& out,
+                     bool tq1);
 
 #define BITNET158_DECLARE_KERNELS(isa)                                                             \
     float quantize_row_##isa(const float* x, int64_t k, int8_t* q);                                \

@@ -14,6 +14,7 @@
 // Sapphire Rapids core, 128 tokens x 2560 x 27648 ran at ~810 G multiply-adds/s (the AVX-512
 // tiles ~180), against ~680 for 2 x 2 blocking (2 A x 2 B tiles).
 #include "kernels.h"
+#include "kernels_tq1.h"
 
 #if defined(BITNET158_X86) && defined(__linux__)
 #include <immintrin.h>
@@ -56,14 +57,18 @@ BITNET158_AMX void configure_tiles() {
 }
 
 // 16 rows of codes: packed groups [g, g + 4) (those < g_end; the others zero), k in [0, kpad),
-// into a[row * kpad + k], one byte per code (0, 1 or 2).
+// into a[row * kpad + k], one byte per code (0, 1 or 2); tq1: 1.6-bit groups (kernels_tq1.h).
 BITNET158_AMX void unpack_rows(const uint8_t* packed, int64_t kpad, int64_t g, int64_t g_end,
-                               uint8_t* a) {
+                               uint8_t* a, bool tq1) {
     const __m512i mask = _mm512_set1_epi8(3);
     for (int gi = 0; gi < kAmxPassGroups; ++gi) {
         uint8_t* rows = a + gi * kRows * kpad;
         if (g + gi >= g_end) {
             std::memset(rows, 0, size_t(kRows * kpad));
+            continue;
+        }
+        if (tq1) {
+            tq1_unpack_group(packed + (g + gi) * tq1_group_bytes_padded(kpad), kpad, rows);
             continue;
         }
         const uint8_t* group = packed + (g + gi) * kpad;
@@ -182,7 +187,7 @@ BITNET158_AMX void amx_activations(const int8_t* x_q, int64_t T, int64_t kpad, i
 
 BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
                                    const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
-                                   const GemmOut& out) {
+                                   const GemmOut& out, bool tq1) {
     thread_local std::vector<uint8_t> a_buf;
     if (int64_t(a_buf.size()) < kTile * kpad)
         a_buf.resize(size_t(kTile * kpad));
@@ -190,7 +195,7 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
     configure_tiles();
     const int64_t tiles = (T + kTile - 1) / kTile;
     for (int64_t g = g0; g < g1; g += kAmxPassGroups) {
-        unpack_rows(packed, kpad, g, g1, a_buf.data());
+        unpack_rows(packed, kpad, g, g1, a_buf.data(), tq1);
         for (int64_t tt = 0; tt < tiles; tt += kTokenTilesPerPass) {
             const int8_t* bt = b + tt * kpad * kTile;
             const int64_t ntt = std::min<int64_t>(kTokenTilesPerPass, tiles - tt);
@@ -216,7 +221,7 @@ namespace bitnet158 {
 bool amx_usable() { return false; }
 void amx_activations(const int8_t*, int64_t, int64_t, int8_t*) {}
 void gemm_groups_amx(const int8_t*, const int32_t*, int64_t, int64_t, const uint8_t*, int64_t,
-                     int64_t, int64_t, const GemmOut&) {}
+                     int64_t, int64_t, const GemmOut&, bool) {}
 }  // namespace bitnet158
 
 #endif

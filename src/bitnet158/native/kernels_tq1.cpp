@@ -13,7 +13,6 @@
 
 #include "kernels.h"
 #include "kernels_tq1.h"
-#include "threadpool.h"
 
 #if defined(BITNET158_X86)
 #include <immintrin.h>
@@ -46,16 +45,6 @@ constexpr Tq1Tables make_tables() {
 
 constexpr Tq1Tables kTables = make_tables();
 
-// A chunk of a GEMM streams at least this many weight bytes (as dispatch.cpp's chunks).
-constexpr int64_t kMinChunkBytes = 32 * 1024;
-// Tokens one pass over a chunk of groups serves (their activations stay in L2).
-constexpr int64_t kTokenChunk = 64;
-
-// Dots of T activation rows with the rows of groups [g0, g1); out int32[T, n] (row stride n).
-using Tq1GroupsFn = void (*)(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,
-                             const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
-                             int32_t* out);
-
 // sum_k x[k] * t(k) of row r of a group over all blocks (t = w + 1).
 int32_t row_dot_codes_tq1(const uint8_t* group, int64_t nblocks, int r, const int8_t* x) {
     int32_t acc = 0;
@@ -72,14 +61,32 @@ int32_t row_dot_codes_tq1(const uint8_t* group, int64_t nblocks, int r, const in
 }
 
 void tq1_groups_scalar(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,
-                       const uint8_t* packed, int64_t n, int64_t g0, int64_t g1, int32_t* out) {
-    const int64_t nblocks = kpad / kTq1Block, group_bytes = nblocks * kRows * kTq1RowBytes;
+                       const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
+                       const GemmOut& out) {
+    const int64_t nblocks = kpad / kTq1Block, group_bytes = tq1_group_bytes_padded(kpad);
     for (int64_t g = g0; g < g1; ++g)
         for (int r = 0; r < kRows && g * kRows + r < n; ++r)
             for (int64_t t = 0; t < T; ++t)
-                out[t * n + g * kRows + r] =
-                    row_dot_codes_tq1(packed + g * group_bytes, nblocks, r, x_q + t * kpad) -
-                    x_sum[t];  // sum x*(w+1) - sum x
+                out.store(t, g * kRows + r,
+                          row_dot_codes_tq1(packed + g * group_bytes, nblocks, r, x_q + t * kpad) -
+                              x_sum[t]);  // sum x*(w+1) - sum x
+}
+
+// Codes (0, 1, 2) of the 4 rows of one group: rows[r * kpad + k].
+void tq1_unpack_group_scalar(const uint8_t* group, int64_t kpad, uint8_t* rows) {
+    for (int64_t b = 0; b < kpad / kTq1Block; ++b)
+        for (int r = 0; r < kRows; ++r) {
+            const uint8_t* w = group + b * kRows * kTq1RowBytes + kTq1RowBytes * r;
+            uint8_t* dst = rows + r * kpad + b * kTq1Block;
+            for (int m = 0; m < 64; ++m) {
+                const int lo = kTables.low[w[m]], hi = kTables.high[w[m] & 63];
+                dst[m] = uint8_t(lo & 3);
+                dst[64 + m] = uint8_t(lo >> 2 & 3);
+                dst[128 + m] = uint8_t(lo >> 4);
+                dst[192 + m] = uint8_t(hi & 3);
+                dst[256 + m] = uint8_t(hi >> 2);
+            }
+        }
 }
 
 }  // namespace
@@ -200,8 +207,8 @@ BITNET158_AVX512_VBMI void tile_tq1(const uint8_t* group, int64_t nblocks, const
 
 BITNET158_AVX512_VBMI void tq1_groups_avx512(const int8_t* x_q, const int32_t* x_sum, int64_t T,
                                              int64_t kpad, const uint8_t* packed, int64_t n,
-                                             int64_t g0, int64_t g1, int32_t* out) {
-    const int64_t nblocks = kpad / kTq1Block, group_bytes = nblocks * kRows * kTq1RowBytes;
+                                             int64_t g0, int64_t g1, const GemmOut& out) {
+    const int64_t nblocks = kpad / kTq1Block, group_bytes = tq1_group_bytes_padded(kpad);
     int32_t dots[4][kRows];
     for (int64_t g = g0; g < g1; ++g) {
         const uint8_t* group = packed + g * group_bytes;
@@ -216,9 +223,26 @@ BITNET158_AVX512_VBMI void tq1_groups_avx512(const int8_t* x_q, const int32_t* x
             }
             for (int r = 0; r < kRows && g * kRows + r < n; ++r)
                 for (int64_t t = 0; t < nt; ++t)
-                    out[(t0 + t) * n + g * kRows + r] = dots[t][r] - x_sum[t0 + t];
+                    out.store(t0 + t, g * kRows + r, dots[t][r] - x_sum[t0 + t]);
         }
     }
+}
+
+BITNET158_AVX512_VBMI void tq1_unpack_group_avx512(const uint8_t* group, int64_t kpad,
+                                                   uint8_t* rows) {
+    const Tq1Regs tab = load_tables();
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int64_t b = 0; b < kpad / kTq1Block; ++b)
+        for (int r = 0; r < kRows; ++r) {
+            __m512i lo, hi;
+            decode(load64_tq1(group + b * kRows * kTq1RowBytes + kTq1RowBytes * r), tab, lo, hi);
+            uint8_t* dst = rows + r * kpad + b * kTq1Block;
+            _mm512_storeu_si512(dst, _mm512_and_si512(lo, m3));
+            _mm512_storeu_si512(dst + 64, _mm512_and_si512(_mm512_srli_epi16(lo, 2), m3));
+            _mm512_storeu_si512(dst + 128, _mm512_and_si512(_mm512_srli_epi16(lo, 4), m3));
+            _mm512_storeu_si512(dst + 192, _mm512_and_si512(hi, m3));
+            _mm512_storeu_si512(dst + 256, _mm512_and_si512(_mm512_srli_epi16(hi, 2), m3));
+        }
 }
 
 #undef BITNET158_AVX512_VBMI
@@ -231,9 +255,7 @@ bool cpu_has_vbmi() {
 }  // namespace
 #endif  // BITNET158_X86
 
-namespace {
-
-Tq1GroupsFn kernel_for(Isa isa) {
+GemmGroupsFn tq1_groups_for(Isa isa) {
 #if defined(BITNET158_X86)
     if ((isa == Isa::avx512 || isa == Isa::amx) && cpu_has_vbmi())
         return tq1_groups_avx512;
@@ -242,16 +264,22 @@ Tq1GroupsFn kernel_for(Isa isa) {
     return tq1_groups_scalar;
 }
 
-}  // namespace
-
 const char* tq1_kernel_name(Isa isa) {
-    return kernel_for(isa) == tq1_groups_scalar ? "scalar" : "avx512";
+    return tq1_groups_for(isa) == tq1_groups_scalar ? "scalar" : "avx512";
+}
+
+void tq1_unpack_group(const uint8_t* group, int64_t kpad, uint8_t* rows) {
+#if defined(BITNET158_X86)
+    static const bool vbmi = cpu_has_vbmi();
+    if (vbmi)
+        return tq1_unpack_group_avx512(group, kpad, rows);
+#endif
+    tq1_unpack_group_scalar(group, kpad, rows);
 }
 
 void ternary_gemm_tq1_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* packed,
                           int64_t n, int32_t* out, Isa isa) {
-    const Tq1GroupsFn kernel = kernel_for(isa);
-    const int64_t kpad = cdiv(k, kTq1Block) * kTq1Block, group_bytes = tq1_group_bytes(k);
+    const int64_t kpad = cdiv(k, kTq1Block) * kTq1Block;
     // The packed rows are zero-weight padded to kpad: give the activations the same length
     // (64-byte aligned: each activation plane is one cache line).
     AlignedArray<int8_t> x_pad(T * kpad);
@@ -263,16 +291,11 @@ void ternary_gemm_tq1_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t
             s += x_q[t * k + i];
         x_sum[size_t(t)] = s;
     }
-    const int64_t groups = cdiv(n, kRows);
-    // Chunks small enough for 4 per thread (dynamic balance), large enough to be worth a claim.
-    const int64_t per_chunk =
-        std::max(cdiv(kMinChunkBytes, group_bytes), cdiv(groups, 4 * int64_t(num_threads())));
-    parallel_for(cdiv(groups, per_chunk), [&](int64_t c) {
-        const int64_t g0 = c * per_chunk, g1 = std::min(groups, g0 + per_chunk);
-        for (int64_t t0 = 0; t0 < T; t0 += kTokenChunk)
-            kernel(x_pad.get() + t0 * kpad, x_sum.data() + t0, std::min(kTokenChunk, T - t0), kpad,
-                   packed, n, g0, g1, out + t0 * n);
-    });
+    GemmOut dst;
+    dst.i32 = out;
+    dst.n = n;
+    const GemmTask task{packed, n, dst, Layout::tq1};
+    run_gemm_tasks(kernels_for(isa), x_pad.get(), x_sum.data(), T, kpad, &task, 1);
 }
 
 }  // namespace bitnet158

@@ -262,7 +262,12 @@ class NativeModel {
 public:
     NativeModel(int64_t hidden, int64_t inter, int64_t heads, int64_t kv_heads, int64_t head_dim,
                 int64_t vocab, int64_t layers, bool relu2, bool subln, bool inner_norm,
-                bool layernorm, double eps, double inner_eps, Arr inv_freq) {
+                bool layernorm, double eps, double inner_eps, Arr inv_freq,
+                const std::string& layout) {
+        if (layout != "2bit" && layout != "tq1")
+            throw nb::value_error(
+                ("unknown weight layout '" + layout + "': expected '2bit' or 'tq1'").c_str());
+        w_.layout = layout == "tq1" ? Layout::tq1 : Layout::bits2;
         ModelShape& sh = w_.shape;
         sh.hidden = hidden;
         sh.inter = inter;
@@ -338,7 +343,8 @@ public:
         for (int j = 0; j < 7; ++j) {
             const int64_t n = shapes[j][0], k = shapes[j][1];
             const uint8_t* data = typed<uint8_t>(packed[size_t(j)], 2, names[j]);
-            check_packed(packed[size_t(j)], n, k, names[j]);
+            check_packed(packed[size_t(j)], n, k, names[j],
+                         w_.layout == Layout::tq1 ? tq1_group_bytes(k) : 0);
             *dst[j] = Ternary{data, betas[size_t(j)], n, k};
         }
         for (const auto& a : {attn_norm, ffn_norm, attn_sub_norm, ffn_sub_norm})
@@ -677,15 +683,17 @@ NB_MODULE(_native, m) {
     nb::class_<NativeModel>(m, "Model",
                             "Weights of a model for the native decoder step (borrowed arrays).")
         .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool,
-                      bool, bool, double, double, Arr>(),
+                      bool, bool, double, double, Arr, const std::string&>(),
              "hidden"_a, "inter"_a, "heads"_a, "kv_heads"_a, "head_dim"_a, "vocab"_a, "layers"_a,
              "relu2"_a, "subln"_a, "inner_norm"_a, "layernorm"_a, "eps"_a, "inner_eps"_a,
-             "inv_freq"_a.noconvert())
+             "inv_freq"_a.noconvert(), "layout"_a = "2bit",
+             "layout: how every ternary matrix is packed, '2bit' (packing.pack_ours) or 'tq1' "
+             "(packing.pack_ours_tq1, 5 trits per byte).")
         .def("set_layer", &NativeModel::set_layer, "i"_a, "attn_norm"_a.noconvert().none(),
              "ffn_norm"_a.noconvert().none(), "attn_sub_norm"_a.noconvert().none(),
              "ffn_sub_norm"_a.noconvert().none(), "packed"_a.noconvert(), "betas"_a,
              "Layer i: norm weights (None: none) and the 7 packed projections q, k, v, o, gate, "
-             "up, down with their scales.")
+             "up, down (in the model's layout) with their scales.")
         .def("set_embedding", &NativeModel::set_embedding, "embed"_a.noconvert(), "bf16"_a = false,
              "release_rows"_a = false,
              "release_rows: embed is a read-only file mapping that only lookups read; each "

@@ -100,7 +100,7 @@ class BitNet(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None) -> BitNet:
         ckpt = read_checkpoint(_resolve(name_or_path))
-        tensors = unpack_tensors(ckpt.config, ckpt.tensors)
+        tensors = unpack_tensors(ckpt.config, ckpt.tensors, ckpt.layout)
         model = Transformer.from_tensors(ckpt.config, tensors).eval()
         return cls(model, checkpoint_tokenizer(ckpt), Path(ckpt.path))
 

@@ -165,7 +165,9 @@ def load_trainable(path: str | os.PathLike | None) -> tuple[Transformer, Tokeniz
         source = str(p)
     else:
         ckpt = read_checkpoint(path)
-        model = Transformer.from_tensors(ckpt.config, unpack_tensors(ckpt.config, ckpt.tensors))
+        model = Transformer.from_tensors(
+            ckpt.config, unpack_tensors(ckpt.config, ckpt.tensors, ckpt.layout)
+        )
         unfreeze_scales(model)
         tok_json, template, source = ckpt.tokenizer_json, ckpt.chat_template, str(ckpt.path)
     return model, make_tokenizer(tok_json, template, model.config), {
