@@ -5,6 +5,8 @@ and bad input as Python exceptions."""
 from __future__ import annotations
 
 import mmap
+import os
+import subprocess
 import sys
 import threading
 
@@ -278,6 +280,23 @@ def test_the_16_bit_layout_gives_the_2bit_logits_on_every_isa(tmp_path, override
         steps.append(engine.decode([8, 9, 10], cache, slots=[0, 1, 2]))
         results.append(np.concatenate(steps))
     np.testing.assert_array_equal(results[1], results[0])
+
+
+def test_the_16_bit_layout_warns_where_it_has_no_kernel(tmp_path):
+    """Loading a 1.6-bit model warns under an ISA that runs its portable kernel (AVX2, scalar),
+    and only there."""
+    cfg = make_config("relu2-subln-gqa-tied")
+    path = save_native(tmp_path / "m.safetensors", cfg, random_tensors(cfg), TOKENIZER_JSON,
+                       layout="tq1")  # fmt: skip
+    code = (
+        f"import warnings, bitnet158; warnings.simplefilter('error'); bitnet158.load({str(path)!r})"
+    )
+    for isa in ISAS:
+        env = {**os.environ, "BITNET158_ISA": isa}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        slow = _native.tq1_kernel(isa) == "scalar"
+        assert ("no kernel for the 1.6-bit layout" in proc.stderr) == slow, (isa, proc.stderr)
+        assert (proc.returncode != 0) == slow
 
 
 def engine_and_torch(tmp_path, cfg, tensors, ids, exact=None):
