@@ -52,6 +52,7 @@ def test_every_target_and_back(tmp_path, capsys, model, to):
     # whatever was written reads back to the same ternary model
     written = read_checkpoint(dst)
     assert written.layout == ("tq1" if to == "bitnet158-tq1" else "2bit")
+    assert ("1.6-bit layout" in describe(dst)["format"]) == (to == "bitnet158-tq1")
     back = unpack_tensors(cfg, written.tensors, written.layout)
     for name, value in tensors.items():
         if name.endswith(".codes"):

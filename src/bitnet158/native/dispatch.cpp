@@ -215,8 +215,8 @@ void quantize_activations(const float* x, int64_t T, int64_t k, int8_t* x_q, flo
 }
 
 void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* packed, int64_t n,
-                      int32_t* out, Isa isa) {
-    const int64_t kpad = cdiv(k, kBlock) * kBlock;
+                      int32_t* out, Isa isa, Layout layout) {
+    const int64_t kpad = round_up(k, k_block(layout));
     // The packed rows are zero-weight padded to kpad: give the activations the same length.
     AlignedArray<int8_t> x_pad(T * kpad);
     std::vector<int32_t> x_sum(static_cast<size_t>(T));
@@ -227,7 +227,7 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
     GemmOut dst;
     dst.i32 = out;
     dst.n = n;
-    const GemmTask task{packed, n, dst};
+    const GemmTask task{packed, n, dst, layout};
     run_gemm_tasks(kernels_for(isa), x_pad.get(), x_sum.data(), T, kpad, &task, 1);
 }
 

@@ -74,6 +74,12 @@ struct AlignedArray {
 // kpad a multiple of 256) or the 1.6-bit one (pack_ours_tq1, kernels_tq1.h: kpad a multiple of
 // 320, groups of kpad * 4 / 5 bytes).
 enum class Layout { bits2, tq1 };
+constexpr int64_t kTq1Block = 320;  // K values of one block of the 1.6-bit layout: 5 planes of 64
+
+// K values per block of a layout: activations are zero-padded to a multiple of it.
+inline int64_t k_block(Layout layout) {
+    return layout == Layout::tq1 ? kTq1Block : kBlock;
+}
 
 // One matrix of a (possibly fused) GEMM: packed W [n, kpad] and where its results go.
 struct GemmTask {
@@ -92,10 +98,10 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
 // x float32[T, k] -> x_q int8[T, k], s float32[T] (quant.quantize_activations).
 void quantize_activations(const float* x, int64_t T, int64_t k, int8_t* x_q, float* s, Isa isa);
 
-// x_q int8[T, k] . ternary W[n, k] (packed: uint8[ceil(n/4), ceil(k/256)*256], our layout)
-// -> out int32[T, n], exact.
+// x_q int8[T, k] . ternary W[n, k] (packed in `layout`: 2-bit uint8[ceil(n/4), ceil(k/256)*256],
+// or 1.6-bit, kernels_tq1.h) -> out int32[T, n], exact.
 void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* packed, int64_t n,
-                      int32_t* out, Isa isa);
+                      int32_t* out, Isa isa, Layout layout = Layout::bits2);
 
 // y float32[T, n] = float(quantize(x) . W) / s * beta (quant.ternary_linear_reference).
 void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta, int64_t n,

@@ -253,7 +253,7 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
     const int64_t NH = sh.heads, KVH = sh.kv_heads, group = NH / KVH;
     const int64_t QS = NH * D, KVS = KVH * D, V = sh.vocab, L = sh.layers;
     const Layout lay = m.layout;
-    const int64_t kblock = lay == Layout::tq1 ? kTq1Block : kBlock;  // the layout's K padding
+    const int64_t kblock = k_block(lay);  // the layout's K padding
     const int64_t kpH = round_up(H, kblock), kpQ = round_up(QS, kblock), kpI = round_up(I, kblock);
     const int64_t es = dtype_size(cache.dtype);
     const float scale = static_cast<float>(1.0 / std::sqrt(double(D)));

@@ -153,7 +153,8 @@ BITNET158_AMX void store_pass(const int32_t* c, int64_t t0, int64_t ntok, int64_
 
 bool amx_usable() {
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8"))
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") ||
+        !__builtin_cpu_supports("avx512vbmi"))  // every AMX CPU has it (1.6-bit unpacking)
         return false;
     // Linux hands out the tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
     // It refuses when a thread's signal stack is too small for the larger signal frame (then the

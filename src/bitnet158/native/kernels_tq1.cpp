@@ -72,23 +72,6 @@ void tq1_groups_scalar(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64
                               x_sum[t]);  // sum x*(w+1) - sum x
 }
 
-// Codes (0, 1, 2) of the 4 rows of one group: rows[r * kpad + k].
-void tq1_unpack_group_scalar(const uint8_t* group, int64_t kpad, uint8_t* rows) {
-    for (int64_t b = 0; b < kpad / kTq1Block; ++b)
-        for (int r = 0; r < kRows; ++r) {
-            const uint8_t* w = group + b * kRows * kTq1RowBytes + kTq1RowBytes * r;
-            uint8_t* dst = rows + r * kpad + b * kTq1Block;
-            for (int m = 0; m < 64; ++m) {
-                const int lo = kTables.low[w[m]], hi = kTables.high[w[m] & 63];
-                dst[m] = uint8_t(lo & 3);
-                dst[64 + m] = uint8_t(lo >> 2 & 3);
-                dst[128 + m] = uint8_t(lo >> 4);
-                dst[192 + m] = uint8_t(hi & 3);
-                dst[256 + m] = uint8_t(hi >> 2);
-            }
-        }
-}
-
 }  // namespace
 
 #if defined(BITNET158_X86)
@@ -228,8 +211,9 @@ BITNET158_AVX512_VBMI void tq1_groups_avx512(const int8_t* x_q, const int32_t* x
     }
 }
 
-BITNET158_AVX512_VBMI void tq1_unpack_group_avx512(const uint8_t* group, int64_t kpad,
-                                                   uint8_t* rows) {
+}  // namespace
+
+BITNET158_AVX512_VBMI void tq1_unpack_group(const uint8_t* group, int64_t kpad, uint8_t* rows) {
     const Tq1Regs tab = load_tables();
     const __m512i m3 = _mm512_set1_epi8(3);
     for (int64_t b = 0; b < kpad / kTq1Block; ++b)
@@ -246,6 +230,8 @@ BITNET158_AVX512_VBMI void tq1_unpack_group_avx512(const uint8_t* group, int64_t
 }
 
 #undef BITNET158_AVX512_VBMI
+
+namespace {
 
 bool cpu_has_vbmi() {
     __builtin_cpu_init();
@@ -268,34 +254,5 @@ const char* tq1_kernel_name(Isa isa) {
     return tq1_groups_for(isa) == tq1_groups_scalar ? "scalar" : "avx512";
 }
 
-void tq1_unpack_group(const uint8_t* group, int64_t kpad, uint8_t* rows) {
-#if defined(BITNET158_X86)
-    static const bool vbmi = cpu_has_vbmi();
-    if (vbmi)
-        return tq1_unpack_group_avx512(group, kpad, rows);
-#endif
-    tq1_unpack_group_scalar(group, kpad, rows);
-}
-
-void ternary_gemm_tq1_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* packed,
-                          int64_t n, int32_t* out, Isa isa) {
-    const int64_t kpad = cdiv(k, kTq1Block) * kTq1Block;
-    // The packed rows are zero-weight padded to kpad: give the activations the same length
-    // (64-byte aligned: each activation plane is one cache line).
-    AlignedArray<int8_t> x_pad(T * kpad);
-    std::vector<int32_t> x_sum(static_cast<size_t>(T));
-    for (int64_t t = 0; t < T; ++t) {
-        std::memcpy(x_pad.get() + t * kpad, x_q + t * k, static_cast<size_t>(k));
-        int32_t s = 0;
-        for (int64_t i = 0; i < k; ++i)
-            s += x_q[t * k + i];
-        x_sum[size_t(t)] = s;
-    }
-    GemmOut dst;
-    dst.i32 = out;
-    dst.n = n;
-    const GemmTask task{packed, n, dst, Layout::tq1};
-    run_gemm_tasks(kernels_for(isa), x_pad.get(), x_sum.data(), T, kpad, &task, 1);
-}
 
 }  // namespace bitnet158

@@ -511,26 +511,22 @@ private:
     std::vector<nb::object> keep_;
 };
 
-// The exact int32 GEMM of one packed layout (ternary_gemm_i32, ternary_gemm_tq1_i32): the
-// same argument checks in the same order; `group_bytes` of k gives the layout's bytes per group
-// of kRows rows (null: the 2-bit layout's, k padded to kBlock).
-using Int32GemmFn = void (*)(const int8_t*, int64_t, int64_t, const uint8_t*, int64_t, int32_t*,
-                             Isa);
-Out<int32_t> int32_gemm(Int32GemmFn gemm, int64_t (*group_bytes)(int64_t), const char* what,
-                        const Arr& x_q, const Arr& packed, int64_t n, int64_t k,
-                        const std::optional<std::string>& isa) {
+// The exact int32 GEMM of one packed layout (the ternary_gemm_i32 and ternary_gemm_tq1_i32
+// bindings): the same argument checks in the same order.
+Out<int32_t> int32_gemm(Layout layout, const char* what, const Arr& x_q, const Arr& packed,
+                        int64_t n, int64_t k, const std::optional<std::string>& isa) {
     const Isa use = pick_isa(isa);
     const int8_t* xd = typed<int8_t>(x_q, 2, "x_q");
     const uint8_t* wd = typed<uint8_t>(packed, 2, "packed");
     check_dims(n, k);
     check_k(x_q, k, "x_q");
-    check_packed(packed, n, k, what, group_bytes ? group_bytes(k) : 0);
+    check_packed(packed, n, k, what, layout == Layout::tq1 ? tq1_group_bytes(k) : 0);
     const int64_t T = x_q.shape(0);
     int32_t* out;
     auto arr = new_array<int32_t>({size_t(T), size_t(n)}, &out);
     {
         nb::gil_scoped_release release;
-        gemm(xd, T, k, wd, n, out, use);
+        ternary_gemm_i32(xd, T, k, wd, n, out, use, layout);
     }
     return arr;
 }
@@ -587,7 +583,7 @@ NB_MODULE(_native, m) {
     m.def(
         "ternary_gemm_i32",
         [](Arr x_q, Arr packed, int64_t n, int64_t k, std::optional<std::string> isa) {
-            return int32_gemm(ternary_gemm_i32, nullptr, "packed", x_q, packed, n, k, isa);
+            return int32_gemm(Layout::bits2, "packed", x_q, packed, n, k, isa);
         },
         "x_q"_a.noconvert(), "packed"_a.noconvert(), "n"_a, "k"_a, "isa"_a = nb::none(),
         "Exact dot products x_q int8[T, k] . W^T -> int32[T, n], W ternary [n, k] packed by "
@@ -596,8 +592,7 @@ NB_MODULE(_native, m) {
     m.def(
         "ternary_gemm_tq1_i32",
         [](Arr x_q, Arr packed, int64_t n, int64_t k, std::optional<std::string> isa) {
-            return int32_gemm(ternary_gemm_tq1_i32, tq1_group_bytes, "packed (1.6-bit weights)",
-                              x_q, packed, n, k, isa);
+            return int32_gemm(Layout::tq1, "packed (1.6-bit weights)", x_q, packed, n, k, isa);
         },
         "x_q"_a.noconvert(), "packed"_a.noconvert(), "n"_a, "k"_a, "isa"_a = nb::none(),
         "Exact dot products x_q int8[T, k] . W^T -> int32[T, n], W ternary [n, k] packed by "
