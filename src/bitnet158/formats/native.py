@@ -4,7 +4,8 @@ Tensors are the canonical names of `bitnet158.formats` with `.codes` replaced by
 (uint8, `packing.pack_ours`), every `.scale` as float32[1], norms float32, and `embed.weight` /
 `lm_head.weight` in their source dtype (F32, F16 or BF16). The header's `__metadata__` holds
 `format` = "bitnet158", `format_version` = "1", `config` (ModelConfig JSON), `tokenizer`
-(tokenizer.json text) and optionally `chat_template` and `source`.
+(tokenizer.json text) and optionally `chat_template` and `source`. A file in the 1.6-bit layout
+(`pack_ours_tq1`, 5 trits per byte) has `format_version` = "2" and `layout` = "tq1".
 
 The file is plain safetensors (the official library reads it too): an 8-byte little-endian
 header length, a JSON header padded with spaces so the payload starts 8-byte aligned, then the
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +143,7 @@ def _float_matrix(name: str, value: np.ndarray) -> np.ndarray:
 
 
 def pack_tensors(
-    config: ModelConfig, tensors: Mapping[str, np.ndarray], layout: str = "2bit"
+    config: ModelConfig, tensors: dict[str, np.ndarray], layout: str = "2bit"
 ) -> dict[str, np.ndarray]:
     """Canonical tensors (`.codes`) -> native tensors (`.packed` in `layout`, scales
     float32[1]).

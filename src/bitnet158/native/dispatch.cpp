@@ -109,7 +109,7 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
     for (int64_t i = 0; i < ntasks; ++i)
         groups += cdiv(tasks[i].n, kRows);
     // Chunks small enough for 4 per thread (dynamic balance), large enough to be worth a claim
-    // (bytes of 2-bit groups: the 1.6-bit ones of a fused GEMM's tasks have the same count).
+    // (sized as kpad bytes per group; a 1.6-bit group holds 4/5 of that).
     const int64_t per_chunk = round_up(std::max(cdiv(kMinChunkBytes, kpad * std::min(T, tokens)),
                                                 cdiv(groups, 4 * int64_t(num_threads()))),
                                        amx ? kAmxPassGroups : 1);

@@ -13,7 +13,6 @@
 #include <unistd.h>
 #endif
 
-#include "kernels_tq1.h"
 #include "threadpool.h"
 
 // Row-wise float loops (norms, ReLU^2) compiled for AVX-512, AVX2 and the baseline, picked by
@@ -102,7 +101,8 @@ void release_row(const ModelWeights& m, int32_t token) {
     const uintptr_t end = begin + uintptr_t(m.shape.vocab) * row_bytes;
     const uintptr_t row = begin + uintptr_t(token) * row_bytes;
     const uintptr_t lo = std::max(row & ~(kFolio - 1), (begin + page - 1) & ~(page - 1));
-    const uintptr_t hi = std::min((row + row_bytes + kFolio - 1) & ~(kFolio - 1), end & ~(page - 1));
+    const uintptr_t hi =
+        std::min((row + row_bytes + kFolio - 1) & ~(kFolio - 1), end & ~(page - 1));
     if (hi > lo)
         madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 #else
