@@ -59,6 +59,8 @@ SCRIPT = textwrap.dedent(
                 assert (q2 == x_q).all() and (s2 == s).all(), (isa, n, k, t)
                 acc = native.ternary_gemm_i32(x_q, packed, n, k, isa=isa)
                 assert (acc == x_q.astype(np.int64) @ codes.T.astype(np.int64)).all()
+                tq1 = native.ternary_gemm_tq1_i32(x_q, packing.pack_ours_tq1(codes), n, k, isa=isa)
+                assert (tq1 == acc).all(), (isa, n, k, t)
                 y = native.bitlinear(x, packed, 0.5, n, k, isa=isa)
                 assert np.array_equal(y, quant.ternary_linear_reference(x, codes, 0.5))
             empty = native.bitlinear(np.zeros((0, 256), np.float32), packed, 1.0, 4097, 256)
@@ -96,15 +98,19 @@ SCRIPT = textwrap.dedent(
     H, I, NH, KVH, D, V, L, CTX = 64, 96, 4, 2, 16, 50, 2, 8
     shapes = [(NH * D, H), (KVH * D, H), (KVH * D, H), (H, NH * D), (I, H), (I, H), (H, I)]
     i32 = lambda *v: np.array(v, np.int32)
-    for relu2, subln, inner, layernorm in [(True, True, False, False), (False, False, True, True)]:
+    for relu2, subln, inner, layernorm, layout in [(True, True, False, False, "2bit"),
+                                                   (False, False, True, True, "2bit"),
+                                                   (True, True, False, False, "tq1")]:
         model = native.Model(
             hidden=H, inter=I, heads=NH, kv_heads=KVH, head_dim=D, vocab=V, layers=L,
             relu2=relu2, subln=subln, inner_norm=inner, layernorm=layernorm, eps=1e-5,
             inner_eps=1e-5, inv_freq=(1.0 / 10000 ** (np.arange(0, D, 2) / D)).astype(np.float32),
+            layout=layout,
         )
+        pack = packing.pack_ours_tq1 if layout == "tq1" else packing.pack_ours
         w = lambda n: (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
         for layer in range(L):
-            packed = [packing.pack_ours(rng.integers(-1, 2, size=s).astype(np.int8)) for s in shapes]
+            packed = [pack(rng.integers(-1, 2, size=s).astype(np.int8)) for s in shapes]
             model.set_layer(layer, w(H), w(H), w(NH * D) if subln else None,
                             w(I) if subln else None, packed, [0.3] * 7)
         embed = (0.5 * rng.standard_normal((V, H))).astype(np.float16)
