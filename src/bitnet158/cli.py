@@ -782,8 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TARGETS,
         default="bitnet158",
         help="bitnet158: our packed file, 2 bits per weight (default); bitnet158-tq1: the same "
-        "with 1.6 bits per weight (5 per byte: 20%% fewer bytes, faster decode on CPUs with "
-        "AVX-512 VBMI such as Intel Sapphire Rapids, slower elsewhere); gguf-tq2_0 / "
+        "with 1.6 bits per weight (5 per byte: 20%% fewer bytes; decodes a few %% faster on "
+        "Intel Sapphire Rapids, slower on AMD Zen 4; CPUs without AVX-512 VBMI repack it to 2 "
+        "bits at load); gguf-tq2_0 / "
         "gguf-tq1_0: llama.cpp's bitnet architecture; hf: transformers' packed BitNet; "
         "hf-bf16: bf16 weights for fine-tuning",
     )

@@ -22,6 +22,7 @@ from .. import _native
 from ..config import ModelConfig
 from ..errors import GenerationError
 from ..formats.native import FLOAT_MATRICES, projection_shapes
+from ..packing import pack_ours, unpack_ours_tq1
 from .kv_cache import KVCache, aligned_zeros
 
 PREFILL_CHUNK = 512  # prompt tokens per native call: bounds the step's scratch memory
@@ -115,13 +116,18 @@ class EngineModel:
     ) -> None:
         if lm_head not in HEAD_KINDS:
             raise ValueError(f"lm_head must be one of {HEAD_KINDS}, got {lm_head!r}")
-        if layout == "tq1" and _native.tq1_kernel() == "scalar":
+        # Without a 1.6-bit kernel (AVX-512 VBMI) the portable one would run, many times slower
+        # than the 2-bit kernels: repack to 2 bits here instead, a matrix at a time.
+        repack = layout == "tq1" and _native.tq1_kernel() == "scalar"
+        if repack:
             warnings.warn(
                 "this CPU has no kernel for the 1.6-bit layout (it needs AVX-512 VBMI): the "
-                "portable one runs, many times slower; convert the model to the 2-bit layout "
-                "(`bitnet158 convert MODEL OUT --to bitnet158`)",
+                "weights are repacked to the 2-bit layout at load (a slower load, 25 % more "
+                "memory); convert the file once instead: `bitnet158 convert MODEL OUT --to "
+                "bitnet158`",
                 stacklevel=2,
             )
+            layout = "2bit"
         self.config = cfg = config
         self.native = _native.Model(
             hidden=cfg.hidden_size,
@@ -144,7 +150,15 @@ class EngineModel:
         def vector(name: str) -> np.ndarray | None:
             return native_array(tensors[name], np.float32) if name in tensors else None
 
-        projections = list(projection_shapes(cfg))
+        projections = projection_shapes(cfg)
+
+        def packed(name: str, n: int, k: int) -> np.ndarray:
+            if not repack:
+                return native_array(tensors[name], np.uint8)
+            two_bit = pack_ours(unpack_ours_tq1(tensors[name], n, k))
+            _release_pages(tensors[name])
+            return native_array(two_bit, np.uint8)
+
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             self.native.set_layer(
@@ -153,7 +167,7 @@ class EngineModel:
                 vector(p + "ffn_norm.weight"),
                 vector(p + "attn_sub_norm.weight"),
                 vector(p + "ffn_sub_norm.weight"),
-                [native_array(tensors[f"{p}{proj}.packed"], np.uint8) for proj in projections],
+                [packed(f"{p}{proj}.packed", n, k) for proj, (n, k) in projections.items()],
                 [
                     float(np.asarray(tensors[f"{p}{proj}.scale"]).reshape(-1)[0])
                     for proj in projections
