@@ -95,7 +95,7 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
     const bool amx = kern.amx && T >= kAmxMinTokens;
     // AMX: the activations in the tiles' order, once for all tasks and chunks.
     constexpr int64_t tt = kAmxTileTokens;
-    AlignedArray<int8_t> amx_x(amx ? cdiv(T, tt) * tt * kpad : 0);
+    AlignedArray<int8_t> amx_x(amx ? cdiv(T, tt) * tt * kpad : 0, false);  // all written below
     if (amx)
         parallel_for(cdiv(T, tt), [&](int64_t j) {
             amx_activations(x_q + tt * j * kpad, std::min(tt, T - tt * j), kpad,

@@ -50,17 +50,18 @@ inline int64_t round_up(int64_t a, int64_t b) {
     return cdiv(a, b) * b;
 }
 
-// A zero-filled, 64-byte aligned array of n elements (every 64-value plane the AVX-512 GEMM
-// loads is one cache line).
+// A zero-filled (unless `zero` is false: its writer fills every element), 64-byte aligned
+// array of n elements (every 64-value plane the AVX-512 GEMM loads is one cache line).
 template <class T>
 struct AlignedArray {
-    explicit AlignedArray(int64_t n) {
+    explicit AlignedArray(int64_t n, bool zero = true) {
         const size_t bytes =
             static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(T)), 64));
         void* p = std::aligned_alloc(64, bytes);
         if (!p)
             throw std::bad_alloc();
-        __builtin_memset(p, 0, bytes);
+        if (zero)
+            __builtin_memset(p, 0, bytes);
         data.reset(static_cast<T*>(p));
     }
     struct Free {

@@ -164,24 +164,46 @@ bool amx_usable() {
     return granted;
 }
 
+// The 16 x 16 dwords r[token][j] transposed in place: r[j][token].
+BITNET158_AMX static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {  // dword pairs of rows i, i + 1
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // qword pairs: 4 rows' dwords side by side per 128 bits
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {  // 128-bit lanes: rows 0-3 with 4-7, 8-11 with 12-15
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; ++i) {  // then rows 0-7 with 8-15
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
 BITNET158_AMX void amx_activations(const int8_t* x_q, int64_t T, int64_t kpad, int8_t* b) {
-    // b[tile][k / 4][token % 16][k % 4]: the dword of 4 k values of each token, transposed.
+    // b[tile][k / 4][token % 16][k % 4]: the dword of 4 k values of each token, transposed 16
+    // x 16 dwords (64 k values of 16 tokens) at a time; tokens past T are zeros.
     const int64_t tiles = (T + kTile - 1) / kTile;
     for (int64_t tt = 0; tt < tiles; ++tt) {
         int32_t* dst = reinterpret_cast<int32_t*>(b + tt * kpad * kTile);
-        for (int n = 0; n < kTile; ++n) {
-            const int64_t t = tt * kTile + n;
-            if (t >= T) {
-                for (int64_t i = 0; i < kpad / 4; ++i)
-                    dst[i * kTile + n] = 0;
-                continue;
+        for (int64_t k0 = 0; k0 < kpad; k0 += 64) {
+            __m512i r[16];
+            for (int n = 0; n < kTile; ++n) {
+                const int64_t t = tt * kTile + n;
+                r[n] = t < T ? _mm512_loadu_si512(x_q + t * kpad + k0) : _mm512_setzero_si512();
             }
-            const int8_t* row = x_q + t * kpad;
-            for (int64_t i = 0; i < kpad / 4; ++i) {
-                int32_t v;
-                std::memcpy(&v, row + 4 * i, 4);
-                dst[i * kTile + n] = v;
-            }
+            transpose16(r);
+            for (int j = 0; j < 16; ++j)
+                _mm512_storeu_si512(dst + (k0 / 4 + j) * kTile, r[j]);
         }
     }
 }
