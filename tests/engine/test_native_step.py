@@ -117,12 +117,30 @@ def test_batched_decode_equals_one_sequence_at_a_time(wide_path, head):
     assert batch.lengths.tolist() == [len(p) + 4 for p in prompts]
 
 
-def test_threads_do_not_change_logits(tiny_path):
-    engine = bitnet158.load(tiny_path).engine
-    _native.set_num_threads(1)
-    one = native_logits(engine, IDS)
-    _native.set_num_threads(2)
-    np.testing.assert_array_equal(native_logits(engine, IDS), one)
+@pytest.fixture(scope="module")
+def big_head_path(tmp_path_factory):
+    """An output layer of several of a thread's 512 KB steps in each kind (float32: 16, int8: 4,
+    4-bit: 2), so that threads split and steal its rows."""
+    cfg = make_config("relu2-subln-gqa-tied", vocab_size=8192, hidden_size=256)
+    path = tmp_path_factory.mktemp("big-head") / "m.safetensors"
+    return save_native(path, cfg, random_tensors(cfg), TOKENIZER_JSON)
+
+
+@pytest.mark.parametrize("head", ["exact", "int8", "q4"])
+def test_threads_do_not_change_logits(big_head_path, head):
+    """Every row of every product is computed once, whoever computes it: 3 threads on fewer
+    cores leave shares to be stolen. Prefill, then one-token steps."""
+    engine = bitnet158.load(big_head_path, lm_head=head).engine
+    ids = np.random.default_rng(0).integers(0, engine.config.vocab_size, size=40)
+    results = []
+    for threads in (1, 2, 3):
+        _native.set_num_threads(threads)
+        cache = engine.new_cache(48)
+        steps = [engine.forward(ids, cache)]
+        steps += [engine.forward(ids[i : i + 1], cache) for i in range(4)]
+        results.append(np.concatenate(steps))
+    for got in results[1:]:
+        np.testing.assert_array_equal(got, results[0])
 
 
 def test_concurrent_python_threads(tiny_path):

@@ -17,8 +17,8 @@ namespace bitnet158 {
 
 namespace {
 
-// A chunk of work handed to one thread streams at least this many weight bytes (about a
-// microsecond): smaller ones cost more in claiming than they gain in balance.
+// A thread's step through a GEMM streams at least this many weight bytes (about a microsecond):
+// smaller ones cost more in claiming than they gain in balance.
 constexpr int64_t kMinChunkBytes = 32 * 1024;
 // Activation rows of one pass over the weights stay within this many bytes, so they remain in
 // L2 while the weights stream through once per pass.
@@ -46,10 +46,10 @@ void quantize_rows(const Kernels& kern, const float* x, int64_t T, int64_t k, in
     });
 }
 
-// One chunk of a GEMM job: a block of tokens x a contiguous range of row groups of one task.
-struct GemmChunk {
+// One task over one block of tokens, as units [u0, u0 + its units) of a GEMM job.
+struct GemmSegment {
     int32_t task;
-    int64_t t0, g0, g1;
+    int64_t t0, u0;
 };
 
 // The AMX GEMM (kernels_amx.cpp) takes blocks of at least this many tokens (fewer: the 16-token
@@ -105,40 +105,44 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
         amx ? kAmxTokens
             : std::max<int64_t>(kMaxTileTokens, std::min<int64_t>(64, kTokenChunkBytes / kpad) /
                                                     kMaxTileTokens * kMaxTileTokens);
-    int64_t groups = 0;
-    for (int64_t i = 0; i < ntasks; ++i)
-        groups += cdiv(tasks[i].n, kRows);
-    // Chunks small enough for 4 per thread (dynamic balance), large enough to be worth a claim
-    // (sized as kpad bytes per group; a 1.6-bit group holds 4/5 of that).
-    const int64_t per_chunk = round_up(std::max(cdiv(kMinChunkBytes, kpad * std::min(T, tokens)),
-                                                cdiv(groups, 4 * int64_t(num_threads()))),
-                                       amx ? kAmxPassGroups : 1);
-    std::vector<GemmChunk> chunks;
+    // The work as one row of units (row groups; AMX: whole tile passes) over token blocks x
+    // tasks, split into contiguous per-thread ranges.
+    const int64_t unit = amx ? kAmxPassGroups : 1;
+    std::vector<GemmSegment> segments;
+    int64_t units = 0;
     for (int64_t t0 = 0; t0 < T; t0 += tokens)
         for (int64_t i = 0; i < ntasks; ++i) {
-            const int64_t g_end = cdiv(tasks[i].n, kRows);
-            for (int64_t g0 = 0; g0 < g_end; g0 += per_chunk)
-                chunks.push_back({int32_t(i), t0, g0, std::min(g_end, g0 + per_chunk)});
+            segments.push_back({int32_t(i), t0, units});
+            units += cdiv(cdiv(tasks[i].n, kRows), unit);
         }
-    parallel_for(int64_t(chunks.size()), [&](int64_t c) {
-        const GemmChunk& ch = chunks[size_t(c)];
-        const GemmTask& task = tasks[ch.task];
-        GemmOut part = task.out;
-        if (part.f32) {
-            part.f32 += ch.t0 * part.n;
-            part.s += ch.t0;
-        } else {
-            part.i32 += ch.t0 * part.n;
+    const int64_t step = cdiv(kMinChunkBytes, kpad * std::min(T, tokens) * unit);
+    parallel_ranges(units, step, [&](int64_t b, int64_t e) {
+        auto seg = std::upper_bound(segments.begin(), segments.end(), b,
+                                    [](int64_t u, const GemmSegment& sg) { return u < sg.u0; });
+        for (--seg; b < e; ++seg) {
+            const GemmTask& task = tasks[seg->task];
+            const int64_t g_end = cdiv(task.n, kRows);
+            const int64_t seg_end = seg->u0 + cdiv(g_end, unit);
+            const int64_t g0 = (b - seg->u0) * unit;
+            const int64_t g1 = std::min(g_end, (std::min(e, seg_end) - seg->u0) * unit);
+            b = std::min(e, seg_end);
+            GemmOut part = task.out;
+            if (part.f32) {
+                part.f32 += seg->t0 * part.n;
+                part.s += seg->t0;
+            } else {
+                part.i32 += seg->t0 * part.n;
+            }
+            const int64_t nt = std::min(tokens, T - seg->t0);
+            const bool tq1 = task.layout == Layout::tq1;
+            if (amx)
+                gemm_groups_amx(amx_x.get() + seg->t0 * kpad, x_sum + seg->t0, nt, kpad,
+                                task.packed, task.n, g0, g1, part, tq1);
+            else
+                (tq1 ? kern.gemm_groups_tq1 : kern.gemm_groups)(x_q + seg->t0 * kpad,
+                                                                x_sum + seg->t0, nt, kpad,
+                                                                task.packed, task.n, g0, g1, part);
         }
-        const int64_t nt = std::min(tokens, T - ch.t0);
-        const bool tq1 = task.layout == Layout::tq1;
-        if (amx)
-            gemm_groups_amx(amx_x.get() + ch.t0 * kpad, x_sum + ch.t0, nt, kpad, task.packed,
-                            task.n, ch.g0, ch.g1, part, tq1);
-        else
-            (tq1 ? kern.gemm_groups_tq1 : kern.gemm_groups)(x_q + ch.t0 * kpad, x_sum + ch.t0, nt,
-                                                            kpad, task.packed, task.n, ch.g0,
-                                                            ch.g1, part);
     });
 }
 

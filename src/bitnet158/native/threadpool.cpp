@@ -211,6 +211,88 @@ int num_threads() {
     return pool().threads();
 }
 
+namespace {
+
+// One thread's share of a parallel_for_ranges job: [front, back) packed in one word, so the
+// owner (taking from the front) and a thief (taking from the back) claim with one CAS each.
+struct alignas(64) Share {
+    std::atomic<uint64_t> range;
+};
+
+constexpr uint64_t pack_range(int64_t front, int64_t back) {
+    return (uint64_t(front) << 32) | uint64_t(back);
+}
+
+struct RangesJob {
+    void (*call)(void*, int64_t, int64_t);
+    void* ctx;
+    int64_t step;
+    int shares;
+    Share* share;
+
+    // Claim up to `step` items of share i from its front (owner) or back (thief).
+    bool claim(int i, bool from_front, int64_t& b, int64_t& e) const {
+        uint64_t r = share[i].range.load(std::memory_order_relaxed);
+        for (;;) {
+            const int64_t front = int64_t(r >> 32), back = int64_t(r & 0xffffffffu);
+            if (front >= back)
+                return false;
+            const int64_t take = std::min(step, back - front);
+            b = from_front ? front : back - take;
+            e = b + take;
+            const uint64_t next = from_front ? pack_range(e, back) : pack_range(front, b);
+            if (share[i].range.compare_exchange_weak(r, next, std::memory_order_relaxed))
+                return true;
+        }
+    }
+
+    // The share with the most items left, or -1 when all are empty.
+    int fullest() const {
+        int best = -1;
+        int64_t most = 0;
+        for (int i = 0; i < shares; ++i) {
+            const uint64_t r = share[i].range.load(std::memory_order_relaxed);
+            const int64_t left = int64_t(r & 0xffffffffu) - int64_t(r >> 32);
+            if (left > most) {
+                most = left;
+                best = i;
+            }
+        }
+        return best;
+    }
+
+    void run_share(int own) const {
+        int64_t b, e;
+        while (claim(own, true, b, e))
+            call(ctx, b, e);
+        for (int i; (i = fullest()) >= 0;)
+            if (claim(i, false, b, e))
+                call(ctx, b, e);
+    }
+};
+
+}  // namespace
+
+void parallel_for_ranges(int64_t n, int64_t step, void (*call)(void*, int64_t, int64_t),
+                         void* ctx) {
+    if (n <= 0)
+        return;
+    step = std::max<int64_t>(step, 1);
+    const int shares = int(std::min<int64_t>(num_threads(), (n + step - 1) / step));
+    if (shares <= 1 || n > 0x7fffffff) {
+        call(ctx, 0, n);
+        return;
+    }
+    std::vector<Share> share(static_cast<size_t>(shares));
+    for (int i = 0; i < shares; ++i)
+        share[size_t(i)].range.store(pack_range(n * i / shares, n * (i + 1) / shares),
+                                     std::memory_order_relaxed);
+    const RangesJob job{call, ctx, step, shares, share.data()};
+    // Each chunk is one share's owner; the pool's completion wait covers the stolen steps too,
+    // as a thief's chunk returns only after its steps are done.
+    parallel_for(shares, [&](int64_t i) { job.run_share(int(i)); });
+}
+
 void parallel_for_chunks(int64_t chunks, void (*call)(void*, int64_t), void* ctx) {
     if (chunks <= 0)
         return;
