@@ -113,6 +113,36 @@ def test_quantize_rounds_half_to_even():
         np.testing.assert_array_equal(x_q[0], expected, err_msg=isa)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 1000])
+def test_float_to_half_bit_exact(n):
+    """The float16 KV cache's conversion against numpy's (round to nearest even): normals, ties,
+    subnormals, underflow to zero, overflow to inf, signed zeros; lengths around both SIMD widths."""
+    rng = np.random.default_rng(n)
+    special = np.array(
+        [0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, -1e9, np.inf, -np.inf, 6.1e-5, 6.0e-8,
+         2.9e-8, 3.0e-8, 1e-40, 1.0 + 2**-11, 1.0 + 3 * 2**-11, -(2**-24) * 1.5],
+        dtype=np.float32,
+    )  # fmt: skip
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-9, 6, n)).astype(np.float32)
+    x[: min(n, len(special))] = special[:n]
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    for isa in ISAS:
+        got = _native.float_to_half(x, isa=isa)
+        assert got.dtype == np.uint16
+        np.testing.assert_array_equal(got, want, err_msg=isa)
+
+
+def test_float_to_half_nan_is_the_same_quiet_nan_on_every_isa():
+    """NaN payloads (which numpy's conversion keeps differently) agree across ISAs: quieted, the
+    top payload bits kept, sign kept."""
+    bits = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FBFE000, 0xFFFFFFFF] * 4, np.uint32)
+    x = bits.view(np.float32)
+    want = (bits >> 16 & 0x8000) | 0x7E00 | (bits >> 13 & 0x1FF)
+    for isa in ISAS:
+        np.testing.assert_array_equal(_native.float_to_half(x, isa=isa), want, err_msg=isa)
+
+
 def test_quantize_non_finite_agrees_across_isas():
     """numpy's int8 cast of NaN is unspecified; ours is -128 on every ISA, and a row holding a
     NaN has the scale NaN."""

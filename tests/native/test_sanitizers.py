@@ -67,6 +67,9 @@ SCRIPT = textwrap.dedent(
             assert empty.shape == (0, 4097)
             nan = np.full((2, 33), np.nan, np.float32)
             assert (native.quantize_activations(nan, isa=isa)[0] == -128).all()
+            for n in (1, 17, 33):
+                f = rng.standard_normal(n).astype(np.float32)
+                assert (native.float_to_half(f, isa=isa) == f.astype(np.float16).view(np.uint16)).all()
 
     # concurrent callers share the pool
     import threading

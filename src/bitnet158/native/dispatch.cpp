@@ -64,14 +64,14 @@ constexpr int64_t kAmxTokens = 128;
 const Kernels& kernels_for(Isa isa) {
     static const Kernels scalar{quantize_row_scalar, gemm_groups_scalar, attend_scalar,
                                 float_rows_scalar,   int8_rows_scalar,   silu_mul_scalar,
-                                q4_rows_scalar,      tq1_groups_for(Isa::scalar)};
+                                q4_rows_scalar,      half_row_scalar,    tq1_groups_for(Isa::scalar)};
 #if defined(BITNET158_X86)
     static const Kernels avx2{quantize_row_avx2, gemm_groups_avx2, attend_avx2, float_rows_avx2,
                               int8_rows_avx2,    silu_mul_avx2,    q4_rows_avx2,
-                              tq1_groups_for(Isa::avx2)};
+                              half_row_avx2,     tq1_groups_for(Isa::avx2)};
     static const Kernels avx512{quantize_row_avx512, gemm_groups_avx512, attend_avx512,
                                 float_rows_avx512,   int8_rows_avx512,   silu_mul_avx512,
-                                q4_rows_avx512,      tq1_groups_for(Isa::avx512)};
+                                q4_rows_avx512,      half_row_avx512,    tq1_groups_for(Isa::avx512)};
     static const Kernels amx = [] {
         Kernels k = avx512;
         k.amx = true;

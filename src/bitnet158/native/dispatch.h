@@ -38,6 +38,7 @@ struct Kernels {
     Int8RowsFn int8_rows;
     SiluMulFn silu_mul;
     Q4RowsFn q4_rows;
+    HalfRowFn half_row;
     GemmGroupsFn gemm_groups_tq1 = nullptr;  // over 1.6-bit groups (kernels_tq1.h)
     bool amx = false;  // GEMMs of 12 or more tokens run on AMX tiles (dispatch.cpp)
 };

@@ -186,7 +186,7 @@ void prep_row(const Kernels& kern, const float* x, int64_t k, const NormSpec& a,
 }
 
 // Rotate-half RoPE of `heads` vectors of length d in place: x * cos + rotate_half(x) * sin.
-void rope(float* x, int64_t heads, int64_t d, const float* c, const float* s) {
+BITNET158_CLONES void rope(float* x, int64_t heads, int64_t d, const float* c, const float* s) {
     const int64_t half = d / 2;
     for (int64_t h = 0; h < heads; ++h) {
         float* v = x + h * d;
@@ -198,14 +198,11 @@ void rope(float* x, int64_t heads, int64_t d, const float* c, const float* s) {
     }
 }
 
-void store_row(void* dst, Dtype t, const float* src, int64_t n) {
-    if (t == Dtype::f16) {
-        uint16_t* d = static_cast<uint16_t*>(dst);
-        for (int64_t i = 0; i < n; ++i)
-            d[i] = float_to_half(src[i]);
-    } else {
+void store_row(const Kernels& kern, void* dst, Dtype t, const float* src, int64_t n) {
+    if (t == Dtype::f16)
+        kern.half_row(src, n, static_cast<uint16_t*>(dst));
+    else
         std::memcpy(dst, src, size_t(n) * sizeof(float));
-    }
 }
 
 GemmOut to_f32(float* y, const float* s, float beta, int64_t ld, bool add) {
@@ -309,9 +306,9 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
             for (int64_t h = 0; h < KVH; ++h) {
                 const int64_t at =
                     (((slots[t] * L + l) * KVH + h) * cache.max_ctx + positions[t]) * D;
-                store_row(static_cast<char*>(cache.k) + at * es, cache.dtype,
+                store_row(kern, static_cast<char*>(cache.k) + at * es, cache.dtype,
                           &kb[size_t(t * KVS + h * D)], D);
-                store_row(static_cast<char*>(cache.v) + at * es, cache.dtype,
+                store_row(kern, static_cast<char*>(cache.v) + at * es, cache.dtype,
                           &vb[size_t(t * KVS + h * D)], D);
             }
         });

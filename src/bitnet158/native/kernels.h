@@ -77,6 +77,10 @@ using Q4RowsFn = void (*)(const int8_t* x_q, const int32_t* x_corr, const float*
 // SwiGLU: g[i] = silu(g[i]) * u[i], silu(x) = x / (1 + e^-x) as torch evaluates it.
 using SiluMulFn = void (*)(float* g, const float* u, int64_t n);
 
+// out[i] = x[i] in IEEE binary16 bits (the float16 KV cache): round to nearest even, overflow
+// to inf, subnormals kept, NaN quieted with its top payload bits (as F16C's VCVTPS2PH does).
+using HalfRowFn = void (*)(const float* x, int64_t n, uint16_t* out);
+
 // The int8 output layer: out[t * ldo + r] = sum_i x_q[t, i] * W[r, i], exact, for rows
 // r in [r0, r1) of W int8[rows, kpad] (kpad a multiple of 64, zero padded, like x_q int8[T,
 // kpad]); w_sum int32[rows] = sum_i W[r, i] (for kernels that compute in unsigned x + 128).
@@ -125,6 +129,7 @@ void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t k
     void int8_rows_##isa(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,              \
                          const int32_t* w_sum, int64_t r0, int64_t r1, int32_t* out, int64_t ldo); \
     void silu_mul_##isa(float* g, const float* u, int64_t n);                                      \
+    void half_row_##isa(const float* x, int64_t n, uint16_t* out);                                 \
     void q4_rows_##isa(const int8_t* x_q, const int32_t* x_corr, const float* inv_s, int64_t T,    \
                        int64_t kpad, const uint8_t* w, const uint16_t* d, int64_t r0, int64_t r1,  \
                        float* out, int64_t ldo);
@@ -206,8 +211,10 @@ inline uint16_t float_to_half(float f) {
     __builtin_memcpy(&x, &f, 4);
     const uint32_t sign = (x >> 16) & 0x8000;
     const uint32_t ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u)
-        return uint16_t(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));
+    if (ax > 0x7f800000u)  // NaN: quiet, the top 9 of its 23 payload bits kept
+        return uint16_t(sign | 0x7e00 | ((ax >> 13) & 0x1ff));
+    if (ax == 0x7f800000u)
+        return uint16_t(sign | 0x7c00);
     if (ax >= 0x477ff000u)
         return uint16_t(sign | 0x7c00);  // rounds to >= 65520: inf
     if (ax < 0x38800000u) {              // below the smallest normal half: a subnormal or zero

@@ -391,6 +391,14 @@ BITNET158_AVX2 void silu_mul_avx2(float* g, const float* u, int64_t n) {
     silu_mul_scalar(g + i, u + i, n - i);
 }
 
+BITNET158_AVX2 void half_row_avx2(const float* x, int64_t n, uint16_t* out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    half_row_scalar(x + i, n - i, out + i);
+}
+
 BITNET158_AVX2 void q4_rows_avx2(const int8_t* x_q, const int32_t* x_corr, const float* inv_s,
                                  int64_t T, int64_t kpad, const uint8_t* w, const uint16_t* d,
                                  int64_t r0, int64_t r1, float* out, int64_t ldo) {

@@ -762,6 +762,19 @@ BITNET158_AVX512 void silu_mul_avx512(float* g, const float* u, int64_t n) {
     silu_mul_scalar(g + i, u + i, n - i);
 }
 
+BITNET158_AVX512 void half_row_avx512(const float* x, int64_t n, uint16_t* out) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    if (i < n) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(out + i, m,
+                                 _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i),
+                                                 _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
 // One 128-weight chunk of a row for NT tokens: acc[t][J], acc[t][J + 1] += per-lane sums of
 // q x_t times their group scales. The nibbles are unpacked and the group scales spread to lanes
 // once for all NT tokens.

@@ -123,6 +123,11 @@ void silu_mul_scalar(float* g, const float* u, int64_t n) {
         g[i] = (g[i] / (1.0f + std::exp(-g[i]))) * u[i];
 }
 
+void half_row_scalar(const float* x, int64_t n, uint16_t* out) {
+    for (int64_t i = 0; i < n; ++i)
+        out[i] = float_to_half(x[i]);
+}
+
 void q4_rows_scalar(const int8_t* x_q, const int32_t* x_corr, const float* inv_s, int64_t T,
                     int64_t kpad, const uint8_t* w, const uint16_t* d, int64_t r0, int64_t r1,
                     float* out, int64_t ldo) {

@@ -581,6 +581,21 @@ NB_MODULE(_native, m) {
         "to bitnet158.quant.quantize_activations for finite input.");
 
     m.def(
+        "float_to_half",
+        [](Arr x, std::optional<std::string> isa) {
+            const Kernels& kern = kernels_for(pick_isa(isa));
+            const float* xd = typed<float>(x, 1, "x");
+            const int64_t n = x.shape(0);
+            uint16_t* out;
+            auto out_arr = new_array<uint16_t>({size_t(n)}, &out);
+            kern.half_row(xd, n, out);
+            return out_arr;
+        },
+        "x"_a.noconvert(), "isa"_a = nb::none(),
+        "float32[n] -> uint16[n], the IEEE binary16 bits the float16 KV cache stores: round to "
+        "nearest even, NaN quieted with its top payload bits (as F16C).");
+
+    m.def(
         "ternary_gemm_i32",
         [](Arr x_q, Arr packed, int64_t n, int64_t k, std::optional<std::string> isa) {
             return int32_gemm(Layout::bits2, "packed", x_q, packed, n, k, isa);
