@@ -54,11 +54,15 @@ enum class Dtype : int { f32 = 0, f16 = 1, bf16 = 2 };
 
 inline int64_t dtype_size(Dtype t) { return t == Dtype::f32 ? 4 : 2; }  // bytes per value
 
-// Causal attention of one query position for `group` query heads sharing one KV head:
-//   q      float32[group, d] (already rotated), keys/values [n, d] of dtype kv (f32 or f16),
-//   scores float32[group, n] scratch, out float32[group, d] = softmax(q k^T * scale) v.
-using AttendFn = void (*)(const float* q, int64_t group, const void* keys, const void* values,
-                          Dtype kv, int64_t n, int64_t d, float scale, float* scores, float* out);
+// Causal attention of `npos` consecutive query positions of one sequence, for `group` query
+// heads sharing one KV head: position i (its heads q + i * ldq, float32[group, d], already
+// rotated) attends to the first n0 + i rows of keys/values [n0 + npos - 1, d] (f32 or f16), and
+// out + i * ldo, float32[group, d], gets softmax(q k^T * scale) v. scores: float32 scratch of
+// npos * group * (n0 + npos - 1). A position's result does not depend on npos (bit for bit):
+// a prefill gives the logits of one-token steps.
+using AttendFn = void (*)(const float* q, int64_t ldq, int64_t npos, int64_t group,
+                          const void* keys, const void* values, Dtype kv, int64_t n0, int64_t d,
+                          float scale, float* scores, float* out, int64_t ldo);
 
 // Output-layer logits in exact float: out[t * ldo + r] = sum_i h[t, i] * W[r, i] for the rows
 // r in [r0, r1) of W [rows, k] (dtype w: f32, f16 or bf16) and T tokens of h float32[T, k].
@@ -122,8 +126,9 @@ void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t k
     void gemm_groups_##isa(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,       \
                            const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,               \
                            const GemmOut& out);                                                    \
-    void attend_##isa(const float* q, int64_t group, const void* keys, const void* values,         \
-                      Dtype kv, int64_t n, int64_t d, float scale, float* scores, float* out);     \
+    void attend_##isa(const float* q, int64_t ldq, int64_t npos, int64_t group, const void* keys,  \
+                      const void* values, Dtype kv, int64_t n0, int64_t d, float scale,            \
+                      float* scores, float* out, int64_t ldo);                                     \
     void float_rows_##isa(const float* h, int64_t T, int64_t k, const void* w, Dtype wt,           \
                           int64_t r0, int64_t r1, float* out, int64_t ldo);                        \
     void int8_rows_##isa(const int8_t* x_q, int64_t T, int64_t kpad, const int8_t* w,              \
@@ -135,6 +140,9 @@ void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t k
                        float* out, int64_t ldo);
 
 BITNET158_DECLARE_KERNELS(scalar)
+// One position of attend_scalar (n keys): the reference, and the AVX2 kernel's fallback.
+void attend_position_scalar(const float* q, int64_t group, const void* keys, const void* values,
+                            Dtype kv, int64_t n, int64_t d, float scale, float* scores, float* out);
 
 #if defined(__x86_64__) || defined(__i386__)
 #define BITNET158_X86 1

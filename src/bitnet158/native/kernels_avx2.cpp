@@ -240,11 +240,11 @@ static constexpr WeighValuesFn kWeighValues[2][2] = {  // [values are f16][G - 1
     {weigh_values<1, true>, weigh_values<2, true>},
 };
 
-BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys, const void* values,
-                                Dtype kv, int64_t n, int64_t d, float scale, float* scores,
-                                float* out) {
+BITNET158_AVX2 static void attend_position(const float* q, int64_t group, const void* keys,
+                                           const void* values, Dtype kv, int64_t n, int64_t d,
+                                           float scale, float* scores, float* out) {
     if (d % 8) {
-        attend_scalar(q, group, keys, values, kv, n, d, scale, scores, out);
+        attend_position_scalar(q, group, keys, values, kv, n, d, scale, scores, out);
         return;
     }
     const int64_t es = dtype_size(kv);
@@ -291,6 +291,14 @@ BITNET158_AVX2 void attend_avx2(const float* q, int64_t group, const void* keys,
         const int64_t G = group - g0 < 2 ? group - g0 : 2;
         kWeighValues[kv == Dtype::f16][G - 1](scores + g0 * n, n, values, d, out + g0 * d);
     }
+}
+
+BITNET158_AVX2 void attend_avx2(const float* q, int64_t ldq, int64_t npos, int64_t group,
+                                const void* keys, const void* values, Dtype kv, int64_t n0,
+                                int64_t d, float scale, float* scores, float* out, int64_t ldo) {
+    for (int64_t i = 0; i < npos; ++i)
+        attend_position(q + i * ldq, group, keys, values, kv, n0 + i, d, scale, scores,
+                        out + i * ldo);
 }
 
 // s + x[i, k) . row[i, k), one value at a time: the float output layer's tail after its

@@ -71,8 +71,8 @@ static float dot16(const float* a, const void* b, Dtype bt, int64_t off, int64_t
     return s;
 }
 
-void attend_scalar(const float* q, int64_t group, const void* keys, const void* values, Dtype kv,
-                   int64_t n, int64_t d, float scale, float* scores, float* out) {
+void attend_position_scalar(const float* q, int64_t group, const void* keys, const void* values,
+                            Dtype kv, int64_t n, int64_t d, float scale, float* scores, float* out) {
     for (int64_t g = 0; g < group; ++g) {
         float* sg = scores + g * n;
         float m = -__builtin_inff();
@@ -94,6 +94,14 @@ void attend_scalar(const float* q, int64_t group, const void* keys, const void* 
                 o[i] += p * load_float(values, kv, j * d + i);
         }
     }
+}
+
+void attend_scalar(const float* q, int64_t ldq, int64_t npos, int64_t group, const void* keys,
+                   const void* values, Dtype kv, int64_t n0, int64_t d, float scale, float* scores,
+                   float* out, int64_t ldo) {
+    for (int64_t i = 0; i < npos; ++i)
+        attend_position_scalar(q + i * ldq, group, keys, values, kv, n0 + i, d, scale, scores,
+                               out + i * ldo);
 }
 
 void float_rows_scalar(const float* h, int64_t T, int64_t k, const void* w, Dtype wt, int64_t r0,
