@@ -54,10 +54,11 @@ struct GemmSegment {
 
 // The AMX GEMM (kernels_amx.cpp) takes blocks of at least this many tokens (fewer: the 16-token
 // tiles run mostly empty, and the AVX-512 tiles were as fast at 8 tokens on Sapphire Rapids),
-// kAmxTokens per pass over the weights (their tiles stay in L2 while a chunk's rows pass), and
-// chunks of whole 16-row tile passes.
+// kAmxTokens per pass over the weights (4 token tiles: all of a pass's C tiles; 128 tokens, two
+// groups of 4 tiles, unpacked every block twice and were ~3 % slower), and chunks of whole
+// 16-row tile passes.
 constexpr int64_t kAmxMinTokens = 12;
-constexpr int64_t kAmxTokens = 128;
+constexpr int64_t kAmxTokens = 64;
 
 }  // namespace
 
@@ -115,7 +116,8 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
             segments.push_back({int32_t(i), t0, units});
             units += cdiv(cdiv(tasks[i].n, kRows), unit);
         }
-    const int64_t step = cdiv(kMinChunkBytes, kpad * std::min(T, tokens) * unit);
+    const int64_t step =
+        amx ? kAmxCallPasses : cdiv(kMinChunkBytes, kpad * std::min(T, tokens) * unit);
     parallel_ranges(units, step, [&](int64_t b, int64_t e) {
         auto seg = std::upper_bound(segments.begin(), segments.end(), b,
                                     [](int64_t u, const GemmSegment& sg) { return u < sg.u0; });

@@ -114,6 +114,7 @@ using GemmGroupsFn = void (*)(const int8_t* x_q, const int32_t* x_sum, int64_t T
 // g0 and g1 multiples of kAmxPassGroups.
 constexpr int64_t kAmxTileTokens = 16;  // tokens per B tile
 constexpr int64_t kAmxPassGroups = 4;   // row groups per tile pass (16 rows: one A tile)
+constexpr int64_t kAmxCallPasses = 4;   // passes a call takes together (sharing their B tiles)
 bool amx_usable();  // CPUID has AMX-TILE and AMX-INT8, and Linux granted the tile state
 void amx_activations(const int8_t* x_q, int64_t T, int64_t kpad, int8_t* b);
 // tq1: packed holds 1.6-bit groups (kernels_tq1.h), kpad a multiple of their 320-value block.
