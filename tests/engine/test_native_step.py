@@ -390,6 +390,37 @@ def test_prefill_attention_equals_one_token_steps_on_every_isa(tmp_path, heads, 
             np.testing.assert_array_equal(run(isa, kv, [0, 71, 150]), steps, err_msg=f"{isa} {kv}")
 
 
+def test_one_call_with_prefills_of_two_sequences_on_every_isa(tiny_path):
+    """A step holding two sequences' tokens, in no order, where one sequence's positions go on
+    from where the other's stop (runs of attention end where the slot or the position sequence
+    changes), gives each token the logits of one call per sequence, bit for bit."""
+    engine = bitnet158.load(tiny_path).engine
+    rng = np.random.default_rng(4)
+    a, b = rng.integers(3, VOCAB, size=40), rng.integers(3, VOCAB, size=29)
+
+    def call(cache, tokens, slots, positions, isa):
+        return engine.native.forward(
+            np.asarray(tokens, np.int32), np.asarray(slots, np.int32),
+            np.asarray(positions, np.int32), cache.k, cache.v,
+            np.arange(len(tokens), dtype=np.int64), isa=isa)  # fmt: skip
+
+    for isa in ISAS:
+        want_a = call(engine.new_cache(40, slots=2), a, [0] * 40, range(40), isa)
+        want_b = call(engine.new_cache(40, slots=2), b, [1] * 29, range(29), isa)[22:]
+        cache = engine.new_cache(40, slots=2)
+        call(cache, b[:22], [1] * 22, range(22), isa)
+        # a's positions 0-21, b's 22-28 (slot 1 going on from position 21), a's 22-39
+        tokens = np.concatenate([a[:22], b[22:], a[22:]])
+        slots = [0] * 22 + [1] * 7 + [0] * 18
+        positions = np.concatenate([np.arange(22), np.arange(22, 29), np.arange(22, 40)])
+        order = np.arange(47)
+        order[[3, 45]] = order[[45, 3]]
+        got = call(cache, tokens[order], np.asarray(slots)[order], positions[order], isa)
+        got = got[np.argsort(order)]
+        want = np.concatenate([want_a[:22], want_b, want_a[22:]])
+        np.testing.assert_array_equal(got, want, err_msg=isa)
+
+
 @pytest.mark.parametrize("head_dim", [40, 100, 136])
 def test_head_dims_off_the_vector_width_on_every_isa(tmp_path, head_dim):
     """Head dims that end inside a 16-lane vector and inside or past the first 64 values the
