@@ -60,6 +60,16 @@ BITNET158_AMX void configure_tiles() {
     _tile_loadconfig(&cfg);
 }
 
+// Bytes of one block of a packed group: 4 rows x 64 bytes in both layouts.
+constexpr int64_t kPackedBlockBytes = kRows * kBlock / 4;
+static_assert(kPackedBlockBytes == kRows * kTq1RowBytes, "2-bit and 1.6-bit blocks alike");
+
+// Where block b of packed group g starts.
+inline const uint8_t* packed_block(const uint8_t* packed, int64_t kpad, int64_t g, int64_t b,
+                                   bool tq1) {
+    return packed + g * (tq1 ? tq1_group_bytes_padded(kpad) : kpad) + b * kPackedBlockBytes;
+}
+
 // Block b (kblk k values: kBlock, or kTq1Block for 1.6-bit groups) of 16 rows of codes:
 // packed groups [g, g + 4) (those < g_end; the others zero) into a[row * kblk + k], one byte
 // per code (0, 1 or 2).
@@ -73,13 +83,13 @@ BITNET158_AMX void unpack_block(const uint8_t* packed, int64_t kpad, int64_t g, 
             std::memset(rows, 0, size_t(kRows * kblk));
             continue;
         }
+        const uint8_t* block = packed_block(packed, kpad, g + gi, b, tq1);
         if (tq1) {
-            tq1_unpack_block(packed + (g + gi) * tq1_group_bytes_padded(kpad), b, rows, kblk);
+            tq1_unpack_block(block, rows, kblk);
             continue;
         }
-        const uint8_t* group = packed + (g + gi) * kpad + b * kBlock;
         for (int r = 0; r < kRows; ++r) {
-            const __m512i p = _mm512_loadu_si512(group + 64 * r);
+            const __m512i p = _mm512_loadu_si512(block + 64 * r);
             uint8_t* dst = rows + r * kBlock;
             _mm512_storeu_si512(dst, _mm512_and_si512(p, mask));
             _mm512_storeu_si512(dst + 64, _mm512_and_si512(_mm512_srli_epi16(p, 2), mask));
@@ -94,12 +104,11 @@ BITNET158_AMX void unpack_block(const uint8_t* packed, int64_t kpad, int64_t g, 
 // (~250 cycles) to wait for them.
 BITNET158_AMX void prefetch_block(const uint8_t* packed, int64_t kpad, int64_t g, int64_t g_end,
                                   int64_t b, bool tq1) {
-    const int64_t group_bytes = tq1 ? tq1_group_bytes_padded(kpad) : kpad;
-    const int64_t block_bytes = kRows * (tq1 ? kTq1RowBytes : kBlock / 4);
-    for (int64_t gi = g; gi < std::min(g + kAmxPassGroups, g_end); ++gi)
-        for (int64_t at = 0; at < block_bytes; at += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(packed + gi * group_bytes + b * block_bytes + at),
-                         _MM_HINT_T0);
+    for (int64_t gi = g; gi < std::min(g + kAmxPassGroups, g_end); ++gi) {
+        const uint8_t* block = packed_block(packed, kpad, gi, b, tq1);
+        for (int64_t at = 0; at < kPackedBlockBytes; at += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(block + at), _MM_HINT_T0);
+    }
 }
 
 // C tiles 0 .. NTT-1 (zero when `first`, else loaded from c) += A (16 rows of kn codes at a,

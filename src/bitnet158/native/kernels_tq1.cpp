@@ -213,13 +213,12 @@ BITNET158_AVX512_VBMI void tq1_groups_avx512(const int8_t* x_q, const int32_t* x
 
 }  // namespace
 
-BITNET158_AVX512_VBMI void tq1_unpack_block(const uint8_t* group, int64_t b, uint8_t* rows,
-                                            int64_t ld) {
+BITNET158_AVX512_VBMI void tq1_unpack_block(const uint8_t* block, uint8_t* rows, int64_t ld) {
     const Tq1Regs tab = load_tables();
     const __m512i m3 = _mm512_set1_epi8(3);
     for (int r = 0; r < kRows; ++r) {
         __m512i lo, hi;
-        decode(load64_tq1(group + b * kRows * kTq1RowBytes + kTq1RowBytes * r), tab, lo, hi);
+        decode(load64_tq1(block + kTq1RowBytes * r), tab, lo, hi);
         uint8_t* dst = rows + r * ld;
         _mm512_storeu_si512(dst, _mm512_and_si512(lo, m3));
         _mm512_storeu_si512(dst + 64, _mm512_and_si512(_mm512_srli_epi16(lo, 2), m3));

@@ -25,9 +25,10 @@ inline int64_t tq1_group_bytes_padded(int64_t kpad) {
 // permutes decode the trits), else the portable scalar one (AVX2 has no kernel of its own).
 GemmGroupsFn tq1_groups_for(Isa isa);
 
-// The codes (0, 1, 2) of block b of one group's 4 rows, rows[r * ld + k] for k < kTq1Block: the
-// AMX kernel's A tiles (AVX-512 VBMI, which every CPU with AMX has: amx_usable checks).
-void tq1_unpack_block(const uint8_t* group, int64_t b, uint8_t* rows, int64_t ld);
+// The codes (0, 1, 2) of one block of a group's 4 rows (kRows x kTq1RowBytes bytes at block),
+// rows[r * ld + k] for k < kTq1Block: the AMX kernel's A tiles (AVX-512 VBMI, which every CPU
+// with AMX has: amx_usable checks).
+void tq1_unpack_block(const uint8_t* block, uint8_t* rows, int64_t ld);
 
 // Which kernel the 1.6-bit layout runs for `isa` below the AMX GEMM's token count: "avx512" or
 // "scalar".
