@@ -99,9 +99,9 @@ fuzz: install-test
 	$(PY) tests/fuzz/fuzz_corpus.py $(FUZZ_DIR)/seeds $(FUZZ_TARGETS)
 	@mkdir -p $(FUZZ_DIR)/crashes
 	@for t in $(FUZZ_TARGETS); do \
-		mkdir -p $(FUZZ_DIR)/corpus/$$t; \
+		mkdir -p $(FUZZ_DIR)/corpus/$$t; rm -rf $(FUZZ_DIR)/tmp; mkdir -p $(FUZZ_DIR)/tmp; \
 		echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
-		$(PY) tests/fuzz/run_fuzz.py $$t $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/seeds/$$t \
+		TMPDIR=$(FUZZ_DIR)/tmp $(PY) tests/fuzz/run_fuzz.py $$t $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/seeds/$$t \
 			-max_total_time=$(FUZZ_SECONDS) -timeout=60 -rss_limit_mb=8192 -print_final_stats=1 \
 			-artifact_prefix=$(FUZZ_DIR)/crashes/$$t- > $(FUZZ_DIR)/$$t.log 2>&1; \
 		status=$$?; grep -E "^(Done|stat::number_of_executed_units)" $(FUZZ_DIR)/$$t.log; \

@@ -5,10 +5,12 @@ executions, and any undocumented exception, 5xx answer or native fault fails the
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,17 +40,20 @@ def test_fuzz_target(target, seeds, tmp_path):
     cmd = [sys.executable, str(RUN_FUZZ), target, str(corpus), str(seeds / target),
            f"-runs={runs}", "-seed=1", "-timeout=60", "-rss_limit_mb=3072",
            f"-artifact_prefix={tmp_path}/"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # The targets' model files go under tmp_path (libFuzzer exits without Python's atexit).
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     log = result.stdout[-4000:] + result.stderr[-8000:]
     assert result.returncode == 0, log
     assert re.search(rf"^Done {runs} runs", result.stderr, re.M), log
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("oom-*")), log
 
 
-def test_documented_errors_pass_and_others_escape(monkeypatch):
+def test_documented_errors_pass_and_others_escape(monkeypatch, tmp_path):
     """The property itself: a target swallows our errors and lets any other exception out."""
     import fuzz_targets
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the target's files
     target = make("native")
 
     def raising(error):
