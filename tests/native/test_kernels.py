@@ -45,8 +45,8 @@ def test_gemm_and_bitlinear_bit_exact(n, k):
     codes, packed = weights(n, k)
     _native.set_num_threads(2)
     # every tile shape: 1, 2, 3 (7 = 4 + 3) and 4 tokens; AMX (12 or more): one 16-token tile,
-    # and 37 = two whole tiles and one of 5 tokens
-    for t in (1, 2, 7, 16, 37):
+    # 37 = two whole tiles and one of 5 tokens, and 100 = a call of 4 tiles and one of 3
+    for t in (1, 2, 7, 16, 37, 100):
         x = activations(t, k, seed=t)
         x_q, _ = quant.quantize_activations(x)
         expected = exact_matmul(x_q, codes)
