@@ -19,6 +19,7 @@ from test_engine_model import IDS, assert_close_logits, torch_logits
 import bitnet158
 from bitnet158 import _native
 from bitnet158.engine import model as engine_model
+from bitnet158.engine.kv_cache import KEY_TILE
 from bitnet158.errors import GenerationError
 from bitnet158.formats.native import load_native, save_native
 
@@ -167,8 +168,13 @@ def test_bad_steps_raise_and_write_nothing(tiny_path):
     k_before = cache.k.copy()
     one = np.zeros(1, np.int32)
     rows = np.zeros(1, np.int64)
+    # the native check stops at the cache's capacity (a whole number of key tiles), the
+    # engine's at the cache's max_context
+    assert cache.max_context == 4 and cache.k.shape[3] == KEY_TILE
     with pytest.raises(ValueError, match="context overflow"):
-        engine.native.forward(one, one, np.array([4], np.int32), cache.k, cache.v, rows)
+        engine.native.forward(one, one, np.array([KEY_TILE], np.int32), cache.k, cache.v, rows)
+    with pytest.raises(GenerationError, match="context overflow: position 4"):
+        engine.step([0], [0], [4], cache, [0])
     with pytest.raises(ValueError, match="vocabulary"):
         engine.native.forward(np.array([10**6], np.int32), one, one, cache.k, cache.v, rows)
     with pytest.raises(ValueError, match="slot"):

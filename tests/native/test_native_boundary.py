@@ -23,7 +23,7 @@ from bitnet158.engine.model import EngineModel, rope_inv_freq
 from bitnet158.formats.native import expected_shapes, projection_shapes
 
 CFG = ModelConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_layers=1,
-                  num_heads=4, num_kv_heads=2, max_position_embeddings=8)  # fmt: skip
+                  num_heads=4, num_kv_heads=2, max_position_embeddings=16)  # fmt: skip
 PROJ = list(projection_shapes(CFG))
 
 
@@ -331,6 +331,11 @@ def test_the_kv_cache_must_be_writable_and_two_arrays():
         m.forward(**{**args, "v_cache": cache(dtype=np.float16)[1]})
     k16, v16 = cache(dtype=np.float16)
     assert m.forward(**{**args, "k_cache": k16, "v_cache": v16}).shape == REFERENCE.shape
+    # keys are kept in tiles of 16 positions: the capacity must be a whole number of tiles
+    shape = (1, 1, CFG.num_kv_heads, 8, CFG.head_dim)
+    short = aligned_zeros(shape, np.float32), aligned_zeros(shape, np.float32)
+    with pytest.raises(ValueError, match="multiple of 16 positions, got 8"):
+        m.forward(**{**args, "k_cache": short[0], "v_cache": short[1]})
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ SCRIPT = textwrap.dedent(
         off = -raw.ctypes.data % 64
         return raw[off : off + size].view(dtype).reshape(shape)
 
-    H, I, NH, KVH, D, V, L, CTX = 64, 96, 4, 2, 16, 50, 2, 8
+    H, I, NH, KVH, D, V, L, CTX = 64, 96, 4, 2, 16, 50, 2, 32  # CTX: two tiles of keys
     shapes = [(NH * D, H), (KVH * D, H), (KVH * D, H), (H, NH * D), (I, H), (I, H), (H, I)]
     i32 = lambda *v: np.array(v, np.int32)
     for relu2, subln, inner, layernorm, layout in [(True, True, False, False, "2bit"),

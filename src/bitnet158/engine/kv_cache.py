@@ -9,6 +9,9 @@ import numpy as np
 from ..errors import GenerationError
 
 KV_DTYPES = ("float32", "float16")
+# The native engine keeps each head's keys in tiles of this many positions (kKeyTile in
+# native/kernels.h): a cache's capacity is max_context rounded up to a multiple of it.
+KEY_TILE = 16
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
@@ -24,10 +27,12 @@ def aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
 
 
 class KVCache:
-    """Keys and values [slots, layers, kv_heads, max_context, head_dim], float32 or float16.
+    """Keys and values [slots, layers, kv_heads, capacity, head_dim], float32 or float16.
 
-    Each slot holds one sequence; `lengths[slot]` of its positions are filled. `length` is
-    slot 0's, for the common one-sequence case.
+    Each slot holds one sequence; `lengths[slot]` of its positions are filled, at most
+    `max_context`. `length` is slot 0's, for the common one-sequence case. The capacity is
+    max_context rounded up to a multiple of KEY_TILE; the native engine owns the layout of a
+    head's keys within it (tiles of KEY_TILE positions).
     """
 
     def __init__(
@@ -43,7 +48,8 @@ class KVCache:
             raise GenerationError(f"KV cache dtype must be one of {KV_DTYPES}, got {dtype!r}")
         if max_context < 1 or slots < 1:
             raise GenerationError("a KV cache needs max_context >= 1 and slots >= 1")
-        shape = (slots, num_layers, num_kv_heads, max_context, head_dim)
+        capacity = -(-max_context // KEY_TILE) * KEY_TILE
+        shape = (slots, num_layers, num_kv_heads, capacity, head_dim)
         try:
             self.k = aligned_zeros(shape, dtype)
             self.v = aligned_zeros(shape, dtype)
@@ -54,10 +60,11 @@ class KVCache:
                 "this machine can allocate: load the model with a smaller max_context"
             ) from None
         self.lengths = np.zeros(slots, dtype=np.int64)
+        self._max_context = max_context
 
     @property
     def max_context(self) -> int:
-        return self.k.shape[3]
+        return self._max_context
 
     @property
     def slots(self) -> int:

@@ -219,11 +219,17 @@ class EngineModel:
         tokens = native_array(np.reshape(tokens, -1), np.int32)
         if tokens.size and not 0 <= tokens.min() <= tokens.max() < self.config.vocab_size:
             raise GenerationError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        positions = native_array(np.reshape(positions, -1), np.int32)
+        if positions.size and positions.max() >= cache.max_context:  # the capacity may be more
+            raise GenerationError(
+                f"context overflow: position {positions.max()} is past the context length of "
+                f"{cache.max_context} tokens"
+            )
         try:
             return self.native.forward(
                 tokens,
                 native_array(np.reshape(slots, -1), np.int32),
-                native_array(np.reshape(positions, -1), np.int32),
+                positions,
                 cache.k,
                 cache.v,
                 native_array(np.reshape(logits_of, -1), np.int64),

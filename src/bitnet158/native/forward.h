@@ -67,7 +67,8 @@ struct ModelWeights {
     std::vector<float> inv_freq;  // float32[head_dim / 2], RoPE frequencies
 };
 
-// Keys and values [slots, layers, kv_heads, max_ctx, head_dim] in f32 or f16.
+// Keys and values [slots, layers, kv_heads, max_ctx, head_dim] in f32 or f16, each head's keys
+// in tiles of kKeyTile positions (kernels.h), so max_ctx is a multiple of kKeyTile.
 struct KVCacheView {
     void* k = nullptr;
     void* v = nullptr;

@@ -54,12 +54,23 @@ enum class Dtype : int { f32 = 0, f16 = 1, bf16 = 2 };
 
 inline int64_t dtype_size(Dtype t) { return t == Dtype::f32 ? 4 : 2; }  // bytes per value
 
+// The KV cache holds a head's keys in tiles of kKeyTile positions, each tile [d][kKeyTile]: a
+// dimension of 16 consecutive keys is one vector, so a score loop runs keys as lanes (one FMA
+// chain per score over the dimensions, no reductions). Values stay [position][d]. A cache's
+// capacity is a multiple of kKeyTile.
+constexpr int64_t kKeyTile = 16;
+
+// Where dimension i of key j sits in a head's tiled keys.
+inline int64_t key_index(int64_t j, int64_t i, int64_t d) {
+    return ((j / kKeyTile) * d + i) * kKeyTile + j % kKeyTile;
+}
+
 // Causal attention of `npos` consecutive query positions of one sequence, for `group` query
 // heads sharing one KV head: position i (its heads q + i * ldq, float32[group, d], already
-// rotated) attends to the first n0 + i rows of keys/values [n0 + npos - 1, d] (f32 or f16), and
-// out + i * ldo, float32[group, d], gets softmax(q k^T * scale) v. scores: float32 scratch of
-// npos * group * (n0 + npos - 1). A position's result does not depend on npos (bit for bit):
-// a prefill gives the logits of one-token steps.
+// rotated) attends to the first n0 + i keys (tiled, see kKeyTile) and values [., d] (f32 or
+// f16), and out + i * ldo, float32[group, d], gets softmax(q k^T * scale) v. scores: float32
+// scratch of npos * group * (n0 + npos - 1). A position's result does not depend on npos (bit
+// for bit): a prefill gives the logits of one-token steps.
 using AttendFn = void (*)(const float* q, int64_t ldq, int64_t npos, int64_t group,
                           const void* keys, const void* values, Dtype kv, int64_t n0, int64_t d,
                           float scale, float* scores, float* out, int64_t ldo);

@@ -1,6 +1,8 @@
 // AVX2 kernels (Haswell / Zen 1 and later). Compiled per function with a target attribute,
 // never with -march, and only called when CPUID reports AVX2 and FMA.
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -179,19 +181,30 @@ BITNET158_AVX2 static inline __m256 load8(const void* p, Dtype t, int64_t i) {
     return _mm256_loadu_ps(static_cast<const float*>(p) + i);
 }
 
+// Scores of G heads (rows of q, length d) against one tile of keys (see kKeyTile), those of its
+// first cnt keys: s[g * ld + c] = (q_g . key_c) * scale, each an FMA chain over the dimensions
+// in order, 8 keys per vector. One tile's vectors feed all G heads.
 template <int G>
-BITNET158_AVX2 static inline void score_row(const float* q, int64_t d, const void* key, Dtype kv,
-                                            float scale, float* s, int64_t ld) {
-    __m256 acc[G];
+BITNET158_AVX2 static void score_tile(const float* q, int64_t d, const void* tile, Dtype kv,
+                                      float scale, float* s, int64_t ld, int64_t cnt) {
+    __m256 acc[G][2];
     for (int g = 0; g < G; ++g)
-        acc[g] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < d; i += 8) {
-        const __m256 k = load8(key, kv, i);
-        for (int g = 0; g < G; ++g)
-            acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + i), k, acc[g]);
+        acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; ++i) {
+        const __m256 k0 = load8(tile, kv, i * kKeyTile), k1 = load8(tile, kv, i * kKeyTile + 8);
+        for (int g = 0; g < G; ++g) {
+            const __m256 qg = _mm256_broadcast_ss(q + g * d + i);
+            acc[g][0] = _mm256_fmadd_ps(qg, k0, acc[g][0]);
+            acc[g][1] = _mm256_fmadd_ps(qg, k1, acc[g][1]);
+        }
     }
-    for (int g = 0; g < G; ++g)
-        s[g * ld] = hsum8(acc[g]) * scale;
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (int g = 0; g < G; ++g) {
+        alignas(32) float r[kKeyTile];
+        _mm256_store_ps(r, _mm256_mul_ps(acc[g][0], vscale));
+        _mm256_store_ps(r + 8, _mm256_mul_ps(acc[g][1], vscale));
+        std::memcpy(s + g * ld, r, size_t(cnt) * sizeof(float));
+    }
 }
 
 // out[g][i0, i0 + 8W) = sum_j p[g * n + j] v[j][i0, i0 + 8W) for G heads, values [n, d] f16 or
@@ -250,14 +263,15 @@ BITNET158_AVX2 static void attend_position(const float* q, int64_t group, const 
     const int64_t es = dtype_size(kv);
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t G = group - g0 < 4 ? group - g0 : 4;
-        for (int64_t j = 0; j < n; ++j) {
-            const void* key = static_cast<const char*>(keys) + j * d * es;
-            float* sj = scores + g0 * n + j;
+        for (int64_t j0 = 0; j0 < n; j0 += kKeyTile) {
+            const void* tile = static_cast<const char*>(keys) + j0 * d * es;
+            const int64_t cnt = std::min(kKeyTile, n - j0);
+            float* sj = scores + g0 * n + j0;
             switch (G) {
-                case 1: score_row<1>(q + g0 * d, d, key, kv, scale, sj, n); break;
-                case 2: score_row<2>(q + g0 * d, d, key, kv, scale, sj, n); break;
-                case 3: score_row<3>(q + g0 * d, d, key, kv, scale, sj, n); break;
-                default: score_row<4>(q + g0 * d, d, key, kv, scale, sj, n); break;
+                case 1: score_tile<1>(q + g0 * d, d, tile, kv, scale, sj, n, cnt); break;
+                case 2: score_tile<2>(q + g0 * d, d, tile, kv, scale, sj, n, cnt); break;
+                case 3: score_tile<3>(q + g0 * d, d, tile, kv, scale, sj, n, cnt); break;
+                default: score_tile<4>(q + g0 * d, d, tile, kv, scale, sj, n, cnt); break;
             }
         }
     }

@@ -329,96 +329,6 @@ BITNET158_AVX512 static inline __m512 load16_tail(const void* p, Dtype t, int64_
     return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
 }
 
-// Scores of G query heads against one key row: s[g] = (q_g . key) * scale.
-template <int G>
-BITNET158_AVX512 static inline void score_row(const float* q, int64_t d, const void* key, Dtype kv,
-                                              float scale, float* s, int64_t ld) {
-    __m512 acc[G];
-    for (int g = 0; g < G; ++g)
-        acc[g] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= d; i += 16) {
-        const __m512 k = load16(key, kv, i);
-        for (int g = 0; g < G; ++g)
-            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + i), k, acc[g]);
-    }
-    if (i < d) {  // head_dim not a multiple of 16 (e.g. 100 in 1bitLLM's 3B)
-        const __m512 k = load16_tail(key, kv, i, d);
-        const __mmask16 m = static_cast<__mmask16>((1u << (d - i)) - 1);
-        for (int g = 0; g < G; ++g)
-            acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * d + i), k, acc[g]);
-    }
-    for (int g = 0; g < G; ++g)
-        s[g * ld] = _mm512_reduce_add_ps(acc[g]) * scale;
-}
-
-// r[i] = sum of the 16 lanes of v[i], for 16 vectors: pairwise unpack-and-add, then 128-bit
-// lane shuffles (45 instructions for 16 sums instead of 16 separate reductions).
-BITNET158_AVX512 static inline __m512 reduce16(const __m512 v[16]) {
-    __m512 t[8], u[4];
-    for (int k = 0; k < 8; ++k)
-        t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
-                             _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-    for (int k = 0; k < 4; ++k) {
-        const __m512d a = _mm512_castps_pd(t[2 * k]), b = _mm512_castps_pd(t[2 * k + 1]);
-        u[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    // u[k], 128-bit lane L: partial sums of v[4k..4k+3]; add the 4 lanes of each
-    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
-                                     _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
-    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
-                                     _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88),
-                         _mm512_shuffle_f32x4(x01, x23, 0xdd));
-}
-
-// Scores of GH query heads (rows of q, length d) against key rows [0, n16), n16 a multiple of 16,
-// 16 dots per step (16 / GH keys): s[h * ld + j] = (q_h . key_j) * scale. Heads that share a key
-// row (grouped-query attention) load it once: with one head per step, 16 key loads fed 16 FMAs
-// and the loads bound the scores. Every dot is one 16-lane accumulator over d, then reduce16,
-// whatever GH: the same sums in the same order. The loop over keys is inside so that the
-// accumulators are set up once (a call per 16 scores cost ~10 % of the scores in set-up).
-template <int GH>
-BITNET158_AVX512 static void score_keys(const float* q, int64_t d, const void* keys, Dtype kv,
-                                        float scale, float* s, int64_t ld, int64_t n16) {
-    constexpr int NK = 16 / GH;
-    const __m512 vscale = _mm512_set1_ps(scale);
-    const __mmask16 tail = static_cast<__mmask16>((1u << (d % 16)) - 1);
-    for (int64_t j0 = 0; j0 < n16; j0 += NK) {
-        __m512 acc[16];
-        for (int j = 0; j < 16; ++j)
-            acc[j] = _mm512_setzero_ps();
-        int64_t i = 0;
-        __m512 qv[GH];
-        for (; i + 16 <= d; i += 16) {
-            for (int h = 0; h < GH; ++h)
-                qv[h] = _mm512_loadu_ps(q + h * d + i);
-            for (int j = 0; j < NK; ++j) {
-                const __m512 key = load16(keys, kv, (j0 + j) * d + i);
-                for (int h = 0; h < GH; ++h)
-                    acc[h * NK + j] = _mm512_fmadd_ps(qv[h], key, acc[h * NK + j]);
-            }
-        }
-        if (i < d) {  // head_dim not a multiple of 16
-            for (int h = 0; h < GH; ++h)
-                qv[h] = _mm512_maskz_loadu_ps(tail, q + h * d + i);
-            for (int j = 0; j < NK; ++j) {
-                const int64_t row = (j0 + j) * d;
-                const __m512 key = load16_tail(keys, kv, row + i, row + d);
-                for (int h = 0; h < GH; ++h)
-                    acc[h * NK + j] = _mm512_fmadd_ps(qv[h], key, acc[h * NK + j]);
-            }
-        }
-        // lane 4L + c of r is head (4L + c) / NK, key j0 + (4L + c) % NK: 4 scores per store
-        const __m512 r = _mm512_mul_ps(reduce16(acc), vscale);
-        _mm_storeu_ps(s + j0, _mm512_extractf32x4_ps(r, 0));
-        _mm_storeu_ps(s + (4 / NK) * ld + j0 + 4 % NK, _mm512_extractf32x4_ps(r, 1));
-        _mm_storeu_ps(s + (8 / NK) * ld + j0 + 8 % NK, _mm512_extractf32x4_ps(r, 2));
-        _mm_storeu_ps(s + (12 / NK) * ld + j0 + 12 % NK, _mm512_extractf32x4_ps(r, 3));
-    }
-}
-
 // out[g] = sum_j p[g * ldp + j] v[j] for G heads, values [m, d] f16 or f32 (add: + out[g], the
 // chains continued from a previous block of values): 64 output values per pass, each one FMA
 // chain over j in order. G and the dtype are template arguments so that the
@@ -472,6 +382,60 @@ static constexpr WeighValuesFn kWeighValues[2][4] = {  // [values are f16][G - 1
     {weigh_values<1, true>, weigh_values<2, true>, weigh_values<3, true>, weigh_values<4, true>},
 };
 
+// Scores of R query rows (rows[r], length d) against NT consecutive key tiles (see kKeyTile) at
+// `tiles`: each score is one FMA chain over the dimensions in order, 16 keys per vector, so it
+// does not depend on R or NT (a prefill's scores are a one-token step's, bit for bit). A tile's
+// vector feeds all R rows and a row's value all NT tiles: R x NT chains in flight, no
+// reductions, and each key converted once per block of rows. dst[r] + 16t gets tile t's scores
+// times scale, the first left[r] - 16t of them (keys past a row's count are not stored).
+template <int R, int NT, bool F16>
+BITNET158_AVX512 static void score_block(const float* const* rows, const void* tiles, int64_t d,
+                                         float scale, float* const* dst, const int64_t* left) {
+    // row r, tile t: acc[r * NT + t], updated by the FMA intrinsic (with fmadd_into's asm, GCC
+    // kept these 16 accumulators on the stack)
+    __m512 acc[R * NT];
+    for (int c = 0; c < R * NT; ++c)
+        acc[c] = _mm512_setzero_ps();
+    const uint16_t* half = static_cast<const uint16_t*>(tiles);
+    const float* full = static_cast<const float*>(tiles);
+    for (int64_t i = 0; i < d; ++i) {
+        __m512 k[NT];
+        for (int t = 0; t < NT; ++t) {
+            const int64_t at = (t * d + i) * kKeyTile;
+            k[t] = F16 ? _mm512_cvtph_ps(_mm256_loadu_si256(
+                             reinterpret_cast<const __m256i*>(half + at)))
+                       : _mm512_loadu_ps(full + at);
+        }
+        for (int r = 0; r < R; ++r) {
+            const __m512 qv = _mm512_set1_ps(rows[r][i]);
+            for (int t = 0; t < NT; ++t)
+                acc[r * NT + t] = _mm512_fmadd_ps(qv, k[t], acc[r * NT + t]);
+        }
+    }
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t) {
+            const int64_t cnt = std::min(kKeyTile, left[r] - t * kKeyTile);
+            if (cnt > 0)
+                _mm512_mask_storeu_ps(dst[r] + t * kKeyTile,
+                                      static_cast<__mmask16>((1u << cnt) - 1),
+                                      _mm512_mul_ps(acc[r * NT + t], vscale));
+        }
+}
+
+using ScoreBlockFn = void (*)(const float* const*, const void*, int64_t, float, float* const*,
+                              const int64_t*);
+constexpr int kScoreRows = 8;  // rows per block: with two tiles, 16 chains in flight
+template <int NT, bool F16>
+static constexpr ScoreBlockFn kScoreBlocks[kScoreRows] = {
+    score_block<1, NT, F16>, score_block<2, NT, F16>, score_block<3, NT, F16>,
+    score_block<4, NT, F16>, score_block<5, NT, F16>, score_block<6, NT, F16>,
+    score_block<7, NT, F16>, score_block<8, NT, F16>};
+static constexpr const ScoreBlockFn* kScoreBlock[2][2] = {  // [keys are f16][tiles - 1]
+    {kScoreBlocks<1, false>, kScoreBlocks<2, false>},
+    {kScoreBlocks<1, true>, kScoreBlocks<2, true>},
+};
+
 // Softmax of a row of scores in place.
 BITNET158_AVX512 static void softmax_row(float* sg, int64_t n) {
     __m512 vmax = _mm512_set1_ps(-__builtin_inff());
@@ -501,11 +465,11 @@ BITNET158_AVX512 static void softmax_row(float* sg, int64_t n) {
         sg[j] *= _mm512_cvtss_f32(inv);
 }
 
-// Keys (then values) are taken in blocks of this many rows, which stay in L1 while every
-// position of the call passes over them. Position by position, each row came from L2 once per
-// position, and a 512-token prefill's attention took 15-17 % longer (blocks of 32 keys: 5 %
-// longer than 64; f16 blocks widened to f32 once per call: no faster).
-constexpr int64_t kAttendKeys = 64;
+// Values are taken in blocks of this many rows, which stay in L1 while every position of the
+// call passes over them. Position by position, each row came from L2 once per position, and a
+// 512-token prefill's attention took 15-17 % longer (blocks of 32: 5 % longer than 64; f16
+// blocks widened to f32 once per call: no faster).
+constexpr int64_t kAttendValues = 64;
 
 BITNET158_AVX512 void attend_avx512(const float* q, int64_t ldq, int64_t npos, int64_t group,
                                     const void* keys, const void* values, Dtype kv, int64_t n0,
@@ -514,49 +478,36 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t ldq, int64_t npos, i
     const int64_t es = dtype_size(kv), nmax = n0 + npos - 1;
     // position i's scores: group rows of its n0 + i keys, from scores + i * group * nmax
     const auto scores_of = [&](int64_t i) { return scores + i * group * nmax; };
-    // 16 scores at a time (4 heads x 4 keys where the group allows): one transposing reduction,
-    // over each position's keys below a multiple of 16
-    const int64_t heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
-    const int64_t n16_last = nmax / 16 * 16;
-    for (int64_t kb = 0; kb < n16_last; kb += kAttendKeys) {
-        const char* kblock = static_cast<const char*>(keys) + kb * d * es;
-        for (int64_t i = 0; i < npos; ++i) {
-            const int64_t n = n0 + i, cnt = std::min(kb + kAttendKeys, n / 16 * 16) - kb;
-            const float* qi = q + i * ldq;
-            float* si = scores_of(i) + kb;
-            for (int64_t g = 0; g < group && cnt > 0; g += heads) {
-                switch (heads) {
-                    case 4: score_keys<4>(qi + g * d, d, kblock, kv, scale, si + g * n, n, cnt); break;
-                    case 2: score_keys<2>(qi + g * d, d, kblock, kv, scale, si + g * n, n, cnt); break;
-                    default: score_keys<1>(qi + g * d, d, kblock, kv, scale, si + g * n, n, cnt); break;
-                }
+    // Scores two tiles at a time (each tile of keys read once per call, for all the rows that
+    // reach it), the rows (position, head) in blocks of up to kScoreRows.
+    const int64_t nrows = npos * group, tiles = (nmax + kKeyTile - 1) / kKeyTile;
+    for (int64_t b = 0; b < tiles; b += 2) {
+        const int64_t nt = std::min<int64_t>(2, tiles - b);
+        const char* tile = static_cast<const char*>(keys) + b * kKeyTile * d * es;
+        // rows reach tile b from the first position with more than b * kKeyTile keys
+        const int64_t r_first = std::max<int64_t>(0, b * kKeyTile - n0 + 1) * group;
+        for (int64_t r0 = r_first; r0 < nrows; r0 += kScoreRows) {
+            const int64_t m = std::min<int64_t>(kScoreRows, nrows - r0);
+            const float* rows[kScoreRows];
+            float* dst[kScoreRows];
+            int64_t left[kScoreRows];
+            for (int64_t k = 0; k < m; ++k) {
+                const int64_t i = (r0 + k) / group, g = (r0 + k) % group, n = n0 + i;
+                rows[k] = q + i * ldq + g * d;
+                dst[k] = scores_of(i) + g * n + b * kKeyTile;
+                left[k] = n - b * kKeyTile;
             }
+            kScoreBlock[kv == Dtype::f16][nt - 1][m - 1](rows, tile, d, scale, dst, left);
         }
     }
-    for (int64_t i = 0; i < npos; ++i) {
-        const int64_t n = n0 + i;
-        for (int64_t g0 = 0; g0 < group; g0 += 4) {  // the keys past the multiple of 16
-            const int64_t G = group - g0 < 4 ? group - g0 : 4;
-            const float* qg = q + i * ldq + g0 * d;
-            float* sg = scores_of(i) + g0 * n;
-            for (int64_t j = n / 16 * 16; j < n; ++j) {
-                const void* key = static_cast<const char*>(keys) + j * d * es;
-                switch (G) {
-                    case 1: score_row<1>(qg, d, key, kv, scale, sg + j, n); break;
-                    case 2: score_row<2>(qg, d, key, kv, scale, sg + j, n); break;
-                    case 3: score_row<3>(qg, d, key, kv, scale, sg + j, n); break;
-                    default: score_row<4>(qg, d, key, kv, scale, sg + j, n); break;
-                }
-            }
-        }
+    for (int64_t i = 0; i < npos; ++i)
         for (int64_t g = 0; g < group; ++g)
-            softmax_row(scores_of(i) + g * n, n);
-    }
+            softmax_row(scores_of(i) + g * (n0 + i), n0 + i);
     // out[g] = sum_j p[g, j] v[j], up to 4 heads at a time, a block of values at a time
-    for (int64_t kb = 0; kb < nmax; kb += kAttendKeys) {
+    for (int64_t kb = 0; kb < nmax; kb += kAttendValues) {
         const char* vblock = static_cast<const char*>(values) + kb * d * es;
         for (int64_t i = 0; i < npos; ++i) {
-            const int64_t n = n0 + i, cnt = std::min(kb + kAttendKeys, n) - kb;
+            const int64_t n = n0 + i, cnt = std::min(kb + kAttendValues, n) - kb;
             for (int64_t g0 = 0; g0 < group && cnt > 0; g0 += 4) {
                 const int64_t G = group - g0 < 4 ? group - g0 : 4;
                 kWeighValues[kv == Dtype::f16][G - 1](scores_of(i) + g0 * n + kb, n, cnt, vblock,

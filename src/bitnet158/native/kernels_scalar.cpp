@@ -77,7 +77,10 @@ void attend_position_scalar(const float* q, int64_t group, const void* keys, con
         float* sg = scores + g * n;
         float m = -__builtin_inff();
         for (int64_t j = 0; j < n; ++j) {
-            sg[j] = dot16(q + g * d, keys, kv, j * d, d) * scale;
+            float dot = 0.0f;  // in order over the dimensions, as the SIMD lanes (unfused)
+            for (int64_t i = 0; i < d; ++i)
+                dot += q[g * d + i] * load_float(keys, kv, key_index(j, i, d));
+            sg[j] = dot * scale;
             m = sg[j] > m ? sg[j] : m;
         }
         float sum = 0.0f;

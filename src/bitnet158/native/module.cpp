@@ -483,6 +483,11 @@ public:
         check_layout(v_cache, 5, 64, "v_cache");
         cache.slots = k_cache.shape(0);
         cache.max_ctx = k_cache.shape(3);
+        if (cache.max_ctx % kKeyTile)
+            throw nb::value_error(("the KV cache's capacity (axis 3) must be a multiple of " +
+                                   std::to_string(kKeyTile) + " positions, got " +
+                                   std::to_string(cache.max_ctx))
+                                      .c_str());
         const int64_t want[5] = {cache.slots, sh.layers, sh.kv_heads, cache.max_ctx, sh.head_dim};
         for (const ArrRW* a : {&k_cache, &v_cache})
             check_shape(nb::ndarray<>(*a), {want[0], want[1], want[2], want[3], want[4]},
