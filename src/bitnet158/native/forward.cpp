@@ -220,6 +220,20 @@ void store_keys(T* keys, int64_t pos0, const T* src, int64_t ld, int64_t count, 
             tile[i * kKeyTile + c] = src[c * ld + i];
 }
 
+// Runs of tokens at consecutive positions of one sequence: each run's first token, then T. A
+// run also ends before token t where ends_before(t, its first token) says so.
+template <class F>
+std::vector<int64_t> position_runs(int64_t T, const int32_t* slots, const int32_t* positions,
+                                   F&& ends_before) {
+    std::vector<int64_t> runs;
+    for (int64_t t = 0; t < T; ++t)
+        if (t == 0 || slots[t] != slots[t - 1] || positions[t] != positions[t - 1] + 1 ||
+            ends_before(t, runs.back()))
+            runs.push_back(t);
+    runs.push_back(T);
+    return runs;
+}
+
 GemmOut to_f32(float* y, const float* s, float beta, int64_t ld, bool add) {
     GemmOut o;
     o.f32 = y;
@@ -328,13 +342,9 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                           &vb[size_t(t * KVS + h * D)], D);
             }
         });
-        // Keys by (run of consecutive positions of one sequence within one tile, head).
-        std::vector<int64_t> tile_runs;  // each run's first token, then T
-        for (int64_t t = 0; t < T; ++t)
-            if (t == 0 || slots[t] != slots[t - 1] || positions[t] != positions[t - 1] + 1 ||
-                positions[t] % kKeyTile == 0)
-                tile_runs.push_back(t);
-        tile_runs.push_back(T);
+        // Keys by (run of positions within one tile, head).
+        const std::vector<int64_t> tile_runs = position_runs(
+            T, slots, positions, [&](int64_t t, int64_t) { return positions[t] % kKeyTile == 0; });
         parallel_for((int64_t(tile_runs.size()) - 1) * KVH, [&](int64_t u) {
             const int64_t t0 = tile_runs[size_t(u / KVH)], h = u % KVH;
             const int64_t count = tile_runs[size_t(u / KVH) + 1] - t0;
@@ -347,14 +357,11 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                            &kb[size_t(t0 * KVS + h * D)], KVS, count, D);
         });
 
-        // Runs of tokens at consecutive positions of one sequence (a prefill), up to
-        // kAttendPositions per call: their keys and values pass through L1 once per run.
-        std::vector<int64_t> runs;  // each run's first token, then T
-        for (int64_t t = 0; t < T; ++t)
-            if (t == 0 || slots[t] != slots[t - 1] || positions[t] != positions[t - 1] + 1 ||
-                t - runs.back() == kAttendPositions)
-                runs.push_back(t);
-        runs.push_back(T);
+        // Attention by runs of up to kAttendPositions positions (a prefill): their keys and
+        // values pass through L1 once per run.
+        const std::vector<int64_t> runs = position_runs(
+            T, slots, positions,
+            [](int64_t t, int64_t first) { return t - first == kAttendPositions; });
         const int64_t nruns = int64_t(runs.size()) - 1;
         int64_t work = 0;
         for (int64_t t = 0; t < T; ++t)
