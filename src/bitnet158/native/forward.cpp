@@ -345,7 +345,7 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
         // Keys by (run of positions within one tile, head).
         const std::vector<int64_t> tile_runs = position_runs(
             T, slots, positions, [&](int64_t t, int64_t) { return positions[t] % kKeyTile == 0; });
-        parallel_for((int64_t(tile_runs.size()) - 1) * KVH, [&](int64_t u) {
+        for_rows((int64_t(tile_runs.size()) - 1) * KVH, kKeyTile * D, [&](int64_t u) {
             const int64_t t0 = tile_runs[size_t(u / KVH)], h = u % KVH;
             const int64_t count = tile_runs[size_t(u / KVH) + 1] - t0;
             const int64_t head = ((slots[t0] * L + l) * KVH + h) * cache.max_ctx * D;
