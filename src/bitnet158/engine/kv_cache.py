@@ -6,12 +6,10 @@ import math
 
 import numpy as np
 
+from .._native import key_tile as KEY_TILE  # positions per tile of a head's keys
 from ..errors import GenerationError
 
 KV_DTYPES = ("float32", "float16")
-# The native engine keeps each head's keys in tiles of this many positions (kKeyTile in
-# native/kernels.h): a cache's capacity is max_context rounded up to a multiple of it.
-KEY_TILE = 16
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:

@@ -214,10 +214,10 @@ void store_row(const Kernels& kern, void* dst, Dtype t, const float* src, int64_
 // on the same lines and the store took ~10 % of a prefill).
 template <class T>
 void store_keys(T* keys, int64_t pos0, const T* src, int64_t ld, int64_t count, int64_t d) {
-    T* tile = keys + pos0 / kKeyTile * kKeyTile * d + pos0 % kKeyTile;
+    T* first = keys + key_index(pos0, 0, d);  // key pos0 + c, dimension i: + i * kKeyTile + c
     for (int64_t i = 0; i < d; ++i)
         for (int64_t c = 0; c < count; ++c)
-            tile[i * kKeyTile + c] = src[c * ld + i];
+            first[i * kKeyTile + c] = src[c * ld + i];
 }
 
 // Runs of tokens at consecutive positions of one sequence: each run's first token, then T. A

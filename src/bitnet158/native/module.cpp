@@ -540,6 +540,9 @@ Out<int32_t> int32_gemm(Layout layout, const char* what, const Arr& x_q, const A
 
 NB_MODULE(_native, m) {
     m.doc() = "bitnet158 native kernels: ternary GEMM over the packed layout of packing.py";
+    // positions per tile of a head's keys in the KV cache (kernels.h): engine/kv_cache.py
+    // rounds a cache's capacity up to a multiple of it
+    m.attr("key_tile") = kKeyTile;
 
     m.def(
         "isa", [] { return std::string(isa_name(active_isa())); },
