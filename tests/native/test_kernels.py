@@ -45,7 +45,8 @@ def test_gemm_and_bitlinear_bit_exact(n, k):
     codes, packed = weights(n, k)
     _native.set_num_threads(2)
     # every tile shape: 1, 2, 3 (7 = 4 + 3) and 4 tokens; AMX (12 or more): one 16-token tile,
-    # 37 = two whole tiles and one of 5 tokens, and 100 = a call of 4 tiles and one of 3
+    # 37 = two whole tiles and one of 5 tokens, and 100 = 4 tiles and 3 (with k up to 3200 in
+    # one call, the second group of tiles reusing the codes the first unpacked; 6912: two calls)
     for t in (1, 2, 7, 16, 37, 100):
         x = activations(t, k, seed=t)
         x_q, _ = quant.quantize_activations(x)

@@ -54,13 +54,38 @@ struct GemmSegment {
 
 // The AMX GEMM (kernels_amx.cpp) takes blocks of at least this many tokens (fewer: the 16-token
 // tiles run mostly empty, and the AVX-512 tiles were as fast at 8 tokens on Sapphire Rapids),
-// kAmxTokens per pass over the weights (4 token tiles: all of a pass's C tiles; 128 tokens, two
-// groups of 4 tiles, unpacked every block twice and were ~3 % slower), and chunks of whole
-// 16-row tile passes.
+// and chunks of whole 16-row tile passes. A call goes over the tokens kAmxTokens at a time (4
+// token tiles: all of a pass's C tiles). It takes up to kAmxCallTokens of them while their
+// activations fit in kAmxCallBytes (with the unpacked codes of its passes, in L2): the codes
+// are then unpacked once for 4 groups of tiles, and a 512-token prefill's gate/up and q/k/v
+// GEMMs took 6-8 % less time. Unpacking for 2 groups only did not repay keeping the codes
+// (the down GEMM, 6912 k values: 8 % slower), hence 64 tokens there.
 constexpr int64_t kAmxMinTokens = 12;
 constexpr int64_t kAmxTokens = 64;
+constexpr int64_t kAmxCallTokens = 256;
+constexpr int64_t kAmxCallBytes = 768 << 10;
 
 }  // namespace
+
+void* thread_scratch_bytes(int64_t bytes, int which) {
+    struct Buffer {
+        struct Free {
+            void operator()(void* p) const { std::free(p); }
+        };
+        std::unique_ptr<void, Free> data;
+        int64_t size = 0;
+    };
+    thread_local Buffer buffers[3];
+    Buffer& b = buffers[which];
+    if (bytes > b.size) {
+        const int64_t size = round_up(bytes, 64);
+        b.data.reset(std::aligned_alloc(64, size_t(size)));
+        b.size = b.data ? size : 0;
+        if (!b.data)
+            throw std::bad_alloc();
+    }
+    return b.data.get();
+}
 
 const Kernels& kernels_for(Isa isa) {
     static const Kernels scalar{quantize_row_scalar, gemm_groups_scalar, attend_scalar,
@@ -103,7 +128,8 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
                             amx_x.get() + tt * j * kpad);
         });
     const int64_t tokens =
-        amx ? kAmxTokens
+        amx ? std::clamp(kAmxCallBytes / kpad / kAmxTokens * kAmxTokens, kAmxTokens,
+                         kAmxCallTokens)
             : std::max<int64_t>(kMaxTileTokens, std::min<int64_t>(64, kTokenChunkBytes / kpad) /
                                                     kMaxTileTokens * kMaxTileTokens);
     // The work as one row of units (row groups; AMX: whole tile passes) over token blocks x

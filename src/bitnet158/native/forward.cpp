@@ -52,15 +52,6 @@ void for_rows(int64_t T, int64_t per_row, F&& f) {
     });
 }
 
-// A per-thread scratch row (the pool's threads and the caller each have their own).
-float* scratch(int64_t n, int which) {
-    thread_local std::vector<float> bufs[2];
-    std::vector<float>& b = bufs[which];
-    if (int64_t(b.size()) < n)
-        b.resize(size_t(n));
-    return b.data();
-}
-
 int32_t row_sum(const int8_t* x, int64_t k) {
     int32_t s = 0;
     for (int64_t i = 0; i < k; ++i)
@@ -173,7 +164,7 @@ void prep_row(const Kernels& kern, const float* x, int64_t k, const NormSpec& a,
               const NormSpec& inner, int8_t* q, int64_t kpad, float* s, int32_t* sum) {
     const float* src = x;
     if (a.on || inner.on) {
-        float* tmp = scratch(k, 0);
+        float* tmp = thread_scratch<float>(k, 0);
         if (a.on) {
             norm_row(src, tmp, k, a.weight, a.eps, a.layernorm);
             src = tmp;
@@ -378,7 +369,7 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                 kern.attend(&q[size_t(t0 * QS + h * group * D)], QS, npos, group,
                             static_cast<const char*>(cache.k) + at,
                             static_cast<const char*>(cache.v) + at, cache.dtype, n0, D, scale,
-                            scratch(npos * group * (n0 + npos - 1), 1),
+                            thread_scratch<float>(npos * group * (n0 + npos - 1), 1),
                             &att[size_t(t0 * QS + h * group * D)], QS);
             }
         });
@@ -469,7 +460,7 @@ void quantize_rows_int8(const void* w, Dtype dtype, int64_t rows, int64_t k, int
                         int8_t* q, float* row_scale, int32_t* row_sum_out, Isa isa) {
     const Kernels& kern = kernels_for(isa);
     for_rows(rows, k, [&](int64_t r) {
-        float* tmp = scratch(k, 0);
+        float* tmp = thread_scratch<float>(k, 0);
         to_float_row(w, dtype, r * k, k, tmp);
         int8_t* qr = q + r * kpad;
         row_scale[r] = kern.quantize_row(tmp, k, qr);
@@ -481,7 +472,7 @@ void quantize_rows_int8(const void* w, Dtype dtype, int64_t rows, int64_t k, int
 void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64_t kpad,
                       uint8_t* nibbles, uint16_t* d) {
     for_rows(rows, k, [&](int64_t r) {
-        float* tmp = scratch(kpad, 0);
+        float* tmp = thread_scratch<float>(kpad, 0);
         to_float_row(w, dtype, r * k, k, tmp);
         std::fill(tmp + k, tmp + kpad, 0.0f);
         uint8_t u[128];

@@ -25,6 +25,16 @@ inline void prefetch_ahead(const uint8_t* w) {
         __builtin_prefetch(w + kGemvPrefetchBytes + 64 * r, 0, 2);
 }
 
+// A buffer of at least `bytes`, 64-byte aligned, that the calling thread keeps for its next
+// calls (the pool's threads and the caller each have their own; `which` 0-2 tells apart the
+// buffers one call needs at once). A fresh allocation per call would be mapped and faulted in
+// anew: glibc maps blocks of 128 KB and more.
+void* thread_scratch_bytes(int64_t bytes, int which);
+template <typename T>
+T* thread_scratch(int64_t n, int which) {
+    return static_cast<T*>(thread_scratch_bytes(n * int64_t(sizeof(T)), which));
+}
+
 // Where a GEMM writes its results: int32 dot products, or the dequantized float
 // y = float(dot) / s[t] * beta (bitlinear's epilogue, in exactly that order), stored or added
 // to what is there (a residual connection: x + bitlinear(h)).

@@ -16,7 +16,8 @@
 // a block of k values at a time (their C tiles kept in L1 between blocks, the block's B tiles
 // shared), and unpacks the next block of codes while this one's tiles multiply: unpacking all
 // of a pass's rows first and then multiplying left the tiles idle ~30 % of the time (a 512-token
-// prefill +6 % with this order and its prefetch, 64 tokens per call).
+// prefill +6 % with this order and its prefetch, 64 tokens per call). A call of more than 64
+// tokens keeps its passes' unpacked codes for the later groups of 4 token tiles.
 #include "kernels.h"
 #include "kernels_tq1.h"
 
@@ -264,13 +265,25 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
                                    const GemmOut& out, bool tq1) {
     constexpr int64_t kC = kTile * kTile;
     const int64_t kblk = tq1 ? kTq1Block : kBlock, blocks = kpad / kblk;
-    alignas(64) uint8_t a[2][kTile * kTq1Block];  // unpacked blocks: this one, the next one
+    const int64_t item_bytes = kTile * kblk;  // one (block, pass) of unpacked codes
+    // Unpacked codes. With one group of token tiles, two items in turn (this one, the next one)
+    // stay in L1. With more, every item of the passes is kept (in L2) for the later groups,
+    // which then need no unpacking (written for one group only, the strip's stores evict
+    // L1 lines that the tiles need: the FFN's down GEMM took ~15 % longer).
+    const int64_t tiles = (T + kTile - 1) / kTile;
+    const bool keep = tiles > kTokenTilesPerPass;
+    alignas(64) uint8_t ring[2][kTile * kTq1Block];
+    uint8_t* strip =
+        keep ? thread_scratch<uint8_t>(kAmxCallPasses * blocks * item_bytes, 2) : nullptr;
+    const auto codes = [&](int64_t it) {
+        return keep ? strip + it * item_bytes : ring[it % 2];
+    };
     alignas(64) int32_t c[kAmxCallPasses][kTokenTilesPerPass * kC];
     configure_tiles();
-    const int64_t tiles = (T + kTile - 1) / kTile;
     for (int64_t gp = g0; gp < g1; gp += kAmxCallPasses * kAmxPassGroups) {
         const int64_t passes =
             std::min(kAmxCallPasses, (g1 - gp + kAmxPassGroups - 1) / kAmxPassGroups);
+        const int64_t items = blocks * passes;
         for (int64_t tt = 0; tt < tiles; tt += kTokenTilesPerPass) {
             const int8_t* bt = b + tt * kpad * kTile;
             const int64_t ntt = std::min<int64_t>(kTokenTilesPerPass, tiles - tt);
@@ -278,23 +291,28 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
             // next block of codes is unpacked before this one's products are issued, so the
             // vector unit unpacks while the tiles multiply (one after the other, the unpacking
             // took ~30 % of the GEMM)
-            const int64_t items = blocks * passes;
+            const bool unpack = tt == 0;
             const int64_t ntok = std::min(ntt * kTile, T - tt * kTile), lines = passes * ntok;
-            unpack_block(packed, kpad, gp, g1, 0, a[0], tq1);
+            if (unpack)
+                unpack_block(packed, kpad, gp, g1, 0, codes(0), tq1);
             for (int64_t it = 0; it < items; ++it) {
                 const int64_t kb = it / passes, p = it % passes;
                 // the lines store_pass will write, a share per item (the passes' lines in turn)
                 for (int64_t l = it * lines / items; l < (it + 1) * lines / items; ++l)
                     prefetch_out_line(out, tt * kTile + l % ntok,
                                       (gp + l / ntok * kAmxPassGroups) * kRows);
-                if (it + 1 < items)
+                if (unpack && it + 1 < items)
                     unpack_block(packed, kpad, gp + (it + 1) % passes * kAmxPassGroups, g1,
-                                 (it + 1) / passes, a[(it + 1) % 2], tq1);
-                if (it + kAmxPrefetchItems < items)
+                                 (it + 1) / passes, codes(it + 1), tq1);
+                if (unpack && it + kAmxPrefetchItems < items)
                     prefetch_block(packed, kpad, gp + (it + kAmxPrefetchItems) % passes *
                                    kAmxPassGroups, g1, (it + kAmxPrefetchItems) / passes, tq1);
+                if (!unpack && it + 1 < items)
+                    for (int64_t at = 0; at < item_bytes; at += 64)
+                        _mm_prefetch(reinterpret_cast<const char*>(codes(it + 1) + at),
+                                     _MM_HINT_T0);
                 const int8_t* bk = bt + kb * kblk * kTile;
-                const uint8_t* ak = a[it % 2];
+                const uint8_t* ak = codes(it);
                 switch (ntt) {
                     case 1: tile_block<1>(ak, bk, kpad * kTile, kblk, kb == 0, c[p]); break;
                     case 2: tile_block<2>(ak, bk, kpad * kTile, kblk, kb == 0, c[p]); break;
