@@ -164,7 +164,7 @@ void prep_row(const Kernels& kern, const float* x, int64_t k, const NormSpec& a,
               const NormSpec& inner, int8_t* q, int64_t kpad, float* s, int32_t* sum) {
     const float* src = x;
     if (a.on || inner.on) {
-        float* tmp = thread_scratch<float>(k, 0);
+        float* tmp = thread_scratch<float>(k, Scratch::row);
         if (a.on) {
             norm_row(src, tmp, k, a.weight, a.eps, a.layernorm);
             src = tmp;
@@ -225,6 +225,28 @@ std::vector<int64_t> position_runs(int64_t T, const int32_t* slots, const int32_
     return runs;
 }
 
+// Consecutive 64-byte-aligned slices of the memory at `base` (null: counts their bytes only).
+struct Slicer {
+    char* base;
+    int64_t used = 0;
+    template <typename T>
+    T* take(int64_t n) {
+        T* p = base ? reinterpret_cast<T*>(base + used) : nullptr;
+        used += round_up(n * int64_t(sizeof(T)), 64);
+        return p;
+    }
+};
+
+// A step's buffers, in the order forward slices them.
+struct StepBuffers {
+    float *x, *q, *kb, *vb, *att, *gate, *up;
+    uint16_t* kh;
+    int8_t* xq;
+    float* s;
+    int32_t* xs;
+    float *cs, *sn;
+};
+
 GemmOut to_f32(float* y, const float* s, float beta, int64_t ld, bool add) {
     GemmOut o;
     o.f32 = y;
@@ -281,15 +303,30 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
     const int64_t es = dtype_size(cache.dtype);
     const float scale = static_cast<float>(1.0 / std::sqrt(double(D)));
 
-    std::vector<float> x(size_t(T * H)), q(size_t(T * QS)), kb(size_t(T * KVS)),
-        vb(size_t(T * KVS)), att(size_t(T * QS)), gate(size_t(T * I)), up(size_t(T * I));
-    std::vector<uint16_t> kh(cache.dtype == Dtype::f16 ? size_t(T * KVS) : 0);  // f16 keys
-    AlignedArray<int8_t> xq(T * std::max({kpH, kpQ, kpI}));
-    std::vector<float> s(static_cast<size_t>(T));
-    std::vector<int32_t> xs(static_cast<size_t>(T));
+    // The step's buffers: slices of one block that this thread keeps (Scratch::step), sized
+    // by a first pass that only counts.
+    Slicer slicer{nullptr};
+    const int64_t keys_f16 = cache.dtype == Dtype::f16 ? T * KVS : 0;
+    const auto slice = [&] {
+        return StepBuffers{slicer.take<float>(T * H),      slicer.take<float>(T * QS),
+                           slicer.take<float>(T * KVS),    slicer.take<float>(T * KVS),
+                           slicer.take<float>(T * QS),     slicer.take<float>(T * I),
+                           slicer.take<float>(T * I),      slicer.take<uint16_t>(keys_f16),
+                           slicer.take<int8_t>(T * std::max({kpH, kpQ, kpI})),
+                           slicer.take<float>(T),          slicer.take<int32_t>(T),
+                           slicer.take<float>(T * half),   slicer.take<float>(T * half)};
+    };
+    slice();
+    slicer = Slicer{static_cast<char*>(thread_scratch_bytes(slicer.used, Scratch::step))};
+    const StepBuffers b = slice();
+    float *const x = b.x, *const q = b.q, *const kb = b.kb, *const vb = b.vb, *const att = b.att,
+                 *const gate = b.gate, *const up = b.up, *const s = b.s, *const cs = b.cs,
+                 *const sn = b.sn;
+    uint16_t* const kh = b.kh;  // the keys in f16 (an f16 cache)
+    int8_t* const xq_ = b.xq;
+    int32_t* const xs = b.xs;
 
     // RoPE tables of these positions: angle = float(pos) * inv_freq as torch computes it.
-    std::vector<float> cs(size_t(T * half)), sn(size_t(T * half));
     for (int64_t t = 0; t < T; ++t)
         for (int64_t i = 0; i < half; ++i) {
             const float angle = static_cast<float>(positions[t]) * m.inv_freq[size_t(i)];
@@ -306,7 +343,6 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
     const NormSpec inner{sh.inner_norm, nullptr, sh.inner_eps, false};
     for (int64_t l = 0; l < L; ++l) {
         const LayerWeights& w = m.layers[size_t(l)];
-        int8_t* xq_ = xq.get();
 
         // attention: norm + quantize, fused q/k/v, RoPE, cache store, attention, o + residual
         const NormSpec attn_norm{true, w.attn_norm, sh.eps, sh.layernorm};
@@ -315,11 +351,11 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                      &s[size_t(t)], &xs[size_t(t)]);
         });
         const GemmTask qkv[3] = {
-            {w.q.packed, QS, to_f32(q.data(), s.data(), w.q.beta, QS, false), lay},
-            {w.k.packed, KVS, to_f32(kb.data(), s.data(), w.k.beta, KVS, false), lay},
-            {w.v.packed, KVS, to_f32(vb.data(), s.data(), w.v.beta, KVS, false), lay},
+            {w.q.packed, QS, to_f32(q, s, w.q.beta, QS, false), lay},
+            {w.k.packed, KVS, to_f32(kb, s, w.k.beta, KVS, false), lay},
+            {w.v.packed, KVS, to_f32(vb, s, w.v.beta, KVS, false), lay},
         };
-        run_gemm_tasks(kern, xq_, xs.data(), T, kpH, qkv, 3);
+        run_gemm_tasks(kern, xq_, xs, T, kpH, qkv, 3);
 
         for_rows(T, QS + 2 * KVS, [&](int64_t t) {
             rope(&q[size_t(t * QS)], NH, D, &cs[size_t(t * half)], &sn[size_t(t * half)]);
@@ -369,7 +405,7 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                 kern.attend(&q[size_t(t0 * QS + h * group * D)], QS, npos, group,
                             static_cast<const char*>(cache.k) + at,
                             static_cast<const char*>(cache.v) + at, cache.dtype, n0, D, scale,
-                            thread_scratch<float>(npos * group * (n0 + npos - 1), 1),
+                            thread_scratch<float>(npos * group * (n0 + npos - 1), Scratch::scores),
                             &att[size_t(t0 * QS + h * group * D)], QS);
             }
         });
@@ -379,8 +415,8 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
             prep_row(kern, &att[size_t(t * QS)], QS, attn_sub, inner, xq_ + t * kpQ, kpQ,
                      &s[size_t(t)], &xs[size_t(t)]);
         });
-        const GemmTask o{w.o.packed, H, to_f32(x.data(), s.data(), w.o.beta, H, true), lay};
-        run_gemm_tasks(kern, xq_, xs.data(), T, kpQ, &o, 1);
+        const GemmTask o{w.o.packed, H, to_f32(x, s, w.o.beta, H, true), lay};
+        run_gemm_tasks(kern, xq_, xs, T, kpQ, &o, 1);
 
         // feed-forward: norm + quantize, fused gate/up, act(gate) * up + sub norm + quantize,
         // down + residual
@@ -390,10 +426,10 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                      &xs[size_t(t)]);
         });
         const GemmTask gate_up[2] = {
-            {w.gate.packed, I, to_f32(gate.data(), s.data(), w.gate.beta, I, false), lay},
-            {w.up.packed, I, to_f32(up.data(), s.data(), w.up.beta, I, false), lay},
+            {w.gate.packed, I, to_f32(gate, s, w.gate.beta, I, false), lay},
+            {w.up.packed, I, to_f32(up, s, w.up.beta, I, false), lay},
         };
-        run_gemm_tasks(kern, xq_, xs.data(), T, kpH, gate_up, 2);
+        run_gemm_tasks(kern, xq_, xs, T, kpH, gate_up, 2);
 
         const NormSpec ffn_sub{sh.subln, w.ffn_sub_norm, sh.eps, false};
         for_rows(T, I, [&](int64_t t) {
@@ -404,9 +440,9 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                 kern.silu_mul(g, &up[size_t(t * I)], I);
             prep_row(kern, g, I, ffn_sub, inner, xq_ + t * kpI, kpI, &s[size_t(t)], &xs[size_t(t)]);
         });
-        const GemmTask down{w.down.packed, H, to_f32(x.data(), s.data(), w.down.beta, H, true),
+        const GemmTask down{w.down.packed, H, to_f32(x, s, w.down.beta, H, true),
                             lay};
-        run_gemm_tasks(kern, xq_, xs.data(), T, kpI, &down, 1);
+        run_gemm_tasks(kern, xq_, xs, T, kpI, &down, 1);
     }
 
     if (R == 0)
@@ -460,7 +496,7 @@ void quantize_rows_int8(const void* w, Dtype dtype, int64_t rows, int64_t k, int
                         int8_t* q, float* row_scale, int32_t* row_sum_out, Isa isa) {
     const Kernels& kern = kernels_for(isa);
     for_rows(rows, k, [&](int64_t r) {
-        float* tmp = thread_scratch<float>(k, 0);
+        float* tmp = thread_scratch<float>(k, Scratch::row);
         to_float_row(w, dtype, r * k, k, tmp);
         int8_t* qr = q + r * kpad;
         row_scale[r] = kern.quantize_row(tmp, k, qr);
@@ -472,7 +508,7 @@ void quantize_rows_int8(const void* w, Dtype dtype, int64_t rows, int64_t k, int
 void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64_t kpad,
                       uint8_t* nibbles, uint16_t* d) {
     for_rows(rows, k, [&](int64_t r) {
-        float* tmp = thread_scratch<float>(kpad, 0);
+        float* tmp = thread_scratch<float>(kpad, Scratch::row);
         to_float_row(w, dtype, r * k, k, tmp);
         std::fill(tmp + k, tmp + kpad, 0.0f);
         uint8_t u[128];

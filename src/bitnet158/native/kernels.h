@@ -25,13 +25,15 @@ inline void prefetch_ahead(const uint8_t* w) {
         __builtin_prefetch(w + kGemvPrefetchBytes + 64 * r, 0, 2);
 }
 
-// A buffer of at least `bytes`, 64-byte aligned, that the calling thread keeps for its next
-// calls (the pool's threads and the caller each have their own; `which` 0-2 tells apart the
-// buffers one call needs at once). A fresh allocation per call would be mapped and faulted in
-// anew: glibc maps blocks of 128 KB and more.
-void* thread_scratch_bytes(int64_t bytes, int which);
+// Buffers that a thread keeps for its next calls (the pool's threads and the caller each have
+// their own), one per use: a fresh allocation per call would be mapped and faulted in anew
+// (glibc maps blocks of 128 KB and more), and the large ones are in huge pages.
+enum class Scratch { row, scores, amx_codes, amx_activations, step, count };
+// The buffer `which` of this thread, at least `bytes`, 64-byte aligned (its contents are lost
+// when it grows).
+void* thread_scratch_bytes(int64_t bytes, Scratch which);
 template <typename T>
-T* thread_scratch(int64_t n, int which) {
+T* thread_scratch(int64_t n, Scratch which) {
     return static_cast<T*>(thread_scratch_bytes(n * int64_t(sizeof(T)), which));
 }
 

@@ -273,8 +273,9 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
     const int64_t tiles = (T + kTile - 1) / kTile;
     const bool keep = tiles > kTokenTilesPerPass;
     alignas(64) uint8_t ring[2][kTile * kTq1Block];
-    uint8_t* strip =
-        keep ? thread_scratch<uint8_t>(kAmxCallPasses * blocks * item_bytes, 2) : nullptr;
+    uint8_t* strip = keep ? thread_scratch<uint8_t>(kAmxCallPasses * blocks * item_bytes,
+                                                    Scratch::amx_codes)
+                          : nullptr;
     const auto codes = [&](int64_t it) {
         return keep ? strip + it * item_bytes : ring[it % 2];
     };
