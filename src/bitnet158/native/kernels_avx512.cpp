@@ -329,58 +329,75 @@ BITNET158_AVX512 static inline __m512 load16_tail(const void* p, Dtype t, int64_
     return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
 }
 
-// out[g] = sum_j p[g * ldp + j] v[j] for G heads, values [m, d] f16 or f32 (add: + out[g], the
-// chains continued from a previous block of values): 64 output values per pass, each one FMA
-// chain over j in order. G and the dtype are template arguments so that the
-// G x 4 accumulators stay in registers (with runtime counts GCC kept them on the stack, and this
-// loop was two thirds of prefill attention); chunks past d are masked off.
-// acc += a * b as _mm512_fmadd_ps (one rounding), in place: GCC 12 copied weigh_values'
-// accumulators through temporaries (15 register copies per 16 FMAs), as with vpdpbusd above.
-BITNET158_AVX512 static inline void fmadd_into(__m512& acc, __m512 a, __m512 b) {
-    asm("vfmadd231ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+// out[r] (+)= sum_{j < cnt[r]} p[r][j] v[j] for R rows (positions x heads), values [m, d] f16 or
+// f32 (add: continue the chains from a previous block of values): 32 output values per pass,
+// each one FMA chain over j in order, so a row's result does not depend on the rows beside it
+// (a prefill's values are a one-token step's, bit for bit). Each value vector is converted once
+// for all R rows: 4 heads x 64 values per pass converted it for 4 rows only, and the conversions
+// took a third of the FMA ports. Rows of later positions count more values (j past a row's
+// count is skipped for it); chunks past d are masked off.
+// 16 values at element `at` of f16 or f32 values, lanes outside m zero.
+template <bool F16>
+BITNET158_AVX512 static inline __m512 value16(const void* values, int64_t at, __mmask16 m) {
+    return F16 ? _mm512_cvtph_ps(
+                     _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(values) + at))
+               : _mm512_maskz_loadu_ps(m, static_cast<const float*>(values) + at);
 }
 
-template <int G, bool F16>
-BITNET158_AVX512 static void weigh_values(const float* p, int64_t ldp, int64_t m,
-                                          const void* values, int64_t d, float* out, bool add) {
-    for (int64_t i0 = 0; i0 < d; i0 += 64) {
-        __mmask16 mk[4];
-        for (int c = 0; c < 4; ++c) {
-            const int64_t left = d - i0 - 16 * c;
-            mk[c] = left >= 16 ? __mmask16(0xffff)
-                               : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-        }
-        __m512 acc[G][4];
-        for (int g = 0; g < G; ++g)
-            for (int c = 0; c < 4; ++c)
-                acc[g][c] = add ? _mm512_maskz_loadu_ps(mk[c], out + g * d + i0 + 16 * c)
+template <int R, bool F16>
+BITNET158_AVX512 static void weigh_rows(const float* const* p, const int64_t* cnt,
+                                        const void* values, int64_t d, float* const* out,
+                                        bool add) {
+    int64_t common = cnt[0], most = cnt[0];
+    for (int r = 1; r < R; ++r) {
+        common = std::min(common, cnt[r]);
+        most = std::max(most, cnt[r]);
+    }
+    for (int64_t i0 = 0; i0 < d; i0 += 32) {
+        const __mmask16 mk[2] = {
+            d - i0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - i0)) - 1),
+            d - i0 >= 32   ? __mmask16(0xffff)
+            : d - i0 <= 16 ? __mmask16(0)
+                           : __mmask16((1u << (d - i0 - 16)) - 1)};
+        __m512 acc[R][2];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < 2; ++c)
+                acc[r][c] = add ? _mm512_maskz_loadu_ps(mk[c], out[r] + i0 + 16 * c)
                                 : _mm512_setzero_ps();
-        for (int64_t j = 0; j < m; ++j) {
-            __m512 v[4];
-            for (int c = 0; c < 4; ++c) {
-                const int64_t at = j * d + i0 + 16 * c;
-                v[c] = F16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                                 mk[c], static_cast<const uint16_t*>(values) + at))
-                           : _mm512_maskz_loadu_ps(mk[c], static_cast<const float*>(values) + at);
-            }
-            for (int g = 0; g < G; ++g) {
-                const __m512 pg = _mm512_set1_ps(p[g * ldp + j]);
-                for (int c = 0; c < 4; ++c)
-                    fmadd_into(acc[g][c], pg, v[c]);
+        for (int64_t j = 0; j < common; ++j) {
+            const __m512 v0 = value16<F16>(values, j * d + i0, mk[0]),
+                         v1 = value16<F16>(values, j * d + i0 + 16, mk[1]);
+            for (int r = 0; r < R; ++r) {
+                const __m512 pr = _mm512_set1_ps(p[r][j]);
+                acc[r][0] = _mm512_fmadd_ps(pr, v0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(pr, v1, acc[r][1]);
             }
         }
-        for (int g = 0; g < G; ++g)
-            for (int c = 0; c < 4; ++c)
-                _mm512_mask_storeu_ps(out + g * d + i0 + 16 * c, mk[c], acc[g][c]);
+        for (int64_t j = common; j < most; ++j) {
+            const __m512 v0 = value16<F16>(values, j * d + i0, mk[0]),
+                         v1 = value16<F16>(values, j * d + i0 + 16, mk[1]);
+            for (int r = 0; r < R; ++r)
+                if (j < cnt[r]) {
+                    const __m512 pr = _mm512_set1_ps(p[r][j]);
+                    acc[r][0] = _mm512_fmadd_ps(pr, v0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(pr, v1, acc[r][1]);
+                }
+        }
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < 2; ++c)
+                _mm512_mask_storeu_ps(out[r] + i0 + 16 * c, mk[c], acc[r][c]);
     }
 }
 
-using WeighValuesFn = void (*)(const float*, int64_t, int64_t, const void*, int64_t, float*, bool);
-static constexpr WeighValuesFn kWeighValues[2][4] = {  // [values are f16][G - 1]
-    {weigh_values<1, false>, weigh_values<2, false>, weigh_values<3, false>,
-     weigh_values<4, false>},
-    {weigh_values<1, true>, weigh_values<2, true>, weigh_values<3, true>, weigh_values<4, true>},
-};
+using WeighRowsFn = void (*)(const float* const*, const int64_t*, const void*, int64_t,
+                             float* const*, bool);
+constexpr int kWeighRows = 8;  // rows per block: 16 accumulators
+template <bool F16>
+static constexpr WeighRowsFn kWeighRowBlocks[kWeighRows] = {
+    weigh_rows<1, F16>, weigh_rows<2, F16>, weigh_rows<3, F16>, weigh_rows<4, F16>,
+    weigh_rows<5, F16>, weigh_rows<6, F16>, weigh_rows<7, F16>, weigh_rows<8, F16>};
+static constexpr const WeighRowsFn* kWeighRowBlock[2] = {  // [values are f16]
+    kWeighRowBlocks<false>, kWeighRowBlocks<true>};
 
 // Scores of R query rows (rows[r], length d) against NT consecutive key tiles (see kKeyTile) at
 // `tiles`: each score is one FMA chain over the dimensions in order, 16 keys per vector, so it
@@ -391,7 +408,7 @@ static constexpr WeighValuesFn kWeighValues[2][4] = {  // [values are f16][G - 1
 template <int R, int NT, bool F16>
 BITNET158_AVX512 static void score_block(const float* const* rows, const void* tiles, int64_t d,
                                          float scale, float* const* dst, const int64_t* left) {
-    // row r, tile t: acc[r * NT + t], updated by the FMA intrinsic (with fmadd_into's asm, GCC
+    // row r, tile t: acc[r * NT + t], updated by the FMA intrinsic (with an asm-pinned FMA, GCC
     // kept these 16 accumulators on the stack)
     __m512 acc[R * NT];
     for (int c = 0; c < R * NT; ++c)
@@ -503,16 +520,23 @@ BITNET158_AVX512 void attend_avx512(const float* q, int64_t ldq, int64_t npos, i
     for (int64_t i = 0; i < npos; ++i)
         for (int64_t g = 0; g < group; ++g)
             softmax_row(scores_of(i) + g * (n0 + i), n0 + i);
-    // out[g] = sum_j p[g, j] v[j], up to 4 heads at a time, a block of values at a time
+    // out[row] = sum_j p[row, j] v[j], a block of values at a time, for the rows (position, head)
+    // that reach it in blocks of up to kWeighRows
     for (int64_t kb = 0; kb < nmax; kb += kAttendValues) {
         const char* vblock = static_cast<const char*>(values) + kb * d * es;
-        for (int64_t i = 0; i < npos; ++i) {
-            const int64_t n = n0 + i, cnt = std::min(kb + kAttendValues, n) - kb;
-            for (int64_t g0 = 0; g0 < group && cnt > 0; g0 += 4) {
-                const int64_t G = group - g0 < 4 ? group - g0 : 4;
-                kWeighValues[kv == Dtype::f16][G - 1](scores_of(i) + g0 * n + kb, n, cnt, vblock,
-                                                      d, out + i * ldo + g0 * d, kb > 0);
+        const int64_t r_first = std::max<int64_t>(0, kb - n0 + 1) * group;
+        for (int64_t r0 = r_first; r0 < nrows; r0 += kWeighRows) {
+            const int64_t m = std::min<int64_t>(kWeighRows, nrows - r0);
+            const float* p[kWeighRows];
+            float* dst[kWeighRows];
+            int64_t cnt[kWeighRows];
+            for (int64_t k = 0; k < m; ++k) {
+                const int64_t i = (r0 + k) / group, g = (r0 + k) % group, n = n0 + i;
+                p[k] = scores_of(i) + g * n + kb;
+                cnt[k] = std::min(kb + kAttendValues, n) - kb;
+                dst[k] = out + i * ldo + g * d;
             }
+            kWeighRowBlock[kv == Dtype::f16][m - 1](p, cnt, vblock, d, dst, kb > 0);
         }
     }
 }
