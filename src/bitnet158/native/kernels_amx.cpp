@@ -269,7 +269,9 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
     // Unpacked codes. With one group of token tiles, two items in turn (this one, the next one)
     // stay in L1. With more, every item of the passes is kept (in L2) for the later groups,
     // which then need no unpacking (written for one group only, the strip's stores evict
-    // L1 lines that the tiles need: the FFN's down GEMM took ~15 % longer).
+    // L1 lines that the tiles need: the FFN's down GEMM took ~15 % longer). The later groups'
+    // tiles load the codes from L2 directly: fetched into L1 an item ahead, the 64 prefetches
+    // waited for fill buffers, and gate/up took 3-15 % longer.
     const int64_t tiles = (T + kTile - 1) / kTile;
     const bool keep = tiles > kTokenTilesPerPass;
     alignas(64) uint8_t ring[2][kTile * kTq1Block];
@@ -308,10 +310,6 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
                 if (unpack && it + kAmxPrefetchItems < items)
                     prefetch_block(packed, kpad, gp + (it + kAmxPrefetchItems) % passes *
                                    kAmxPassGroups, g1, (it + kAmxPrefetchItems) / passes, tq1);
-                if (!unpack && it + 1 < items)
-                    for (int64_t at = 0; at < item_bytes; at += 64)
-                        _mm_prefetch(reinterpret_cast<const char*>(codes(it + 1) + at),
-                                     _MM_HINT_T0);
                 const int8_t* bk = bt + kb * kblk * kTile;
                 const uint8_t* ak = codes(it);
                 switch (ntt) {
