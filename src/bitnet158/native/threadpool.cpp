@@ -26,6 +26,9 @@ namespace {
 
 using ChunkFn = void (*)(void*, int64_t);
 
+// This thread's place in the pool: 0 for callers, 1 .. threads - 1 for the workers.
+thread_local int t_pool_index = 0;
+
 // How long an idle worker polls for the next job before it sleeps: long enough to stay awake
 // between the matrix products of one decode step, short enough not to steal a shared CPU.
 constexpr auto kSpin = std::chrono::microseconds(50);
@@ -146,7 +149,10 @@ private:
         stop_.store(false);
         const uint64_t seen = state_.load(std::memory_order_acquire) >> 32;
         for (int i = 1; i < threads_; ++i)
-            workers_.emplace_back([this, seen] { worker_loop(seen); });
+            workers_.emplace_back([this, seen, i] {
+                t_pool_index = i;
+                worker_loop(seen);
+            });
     }
 
     void stop_workers() {
@@ -288,9 +294,10 @@ void parallel_for_ranges(int64_t n, int64_t step, void (*call)(void*, int64_t, i
         share[size_t(i)].range.store(pack_range(n * i / shares, n * (i + 1) / shares),
                                      std::memory_order_relaxed);
     const RangesJob job{call, ctx, step, shares, share.data()};
-    // Each chunk is one share's owner; the pool's completion wait covers the stolen steps too,
-    // as a thief's chunk returns only after its steps are done.
-    parallel_for(shares, [&](int64_t i) { job.run_share(int(i)); });
+    // A chunk runs the share of the thread that claimed it (then steals); a share nobody owns
+    // is emptied by thieves. The pool's completion wait covers the stolen steps too, as a
+    // thief's chunk returns only after its steps are done.
+    parallel_for(shares, [&](int64_t) { job.run_share(t_pool_index % shares); });
 }
 
 void parallel_for_chunks(int64_t chunks, void (*call)(void*, int64_t), void* ctx) {

@@ -27,7 +27,9 @@ void parallel_for_chunks(int64_t chunks, void (*call)(void* ctx, int64_t chunk),
 // threads. Each thread starts on its own contiguous share and takes `step` items at a time from
 // its front; a thread whose share is done takes steps from the back of the fullest other share.
 // So every thread streams one contiguous range (the prefetchers see long runs) and all finish
-// within about one step of each other, whatever their speeds.
+// within about one step of each other, whatever their speeds. The pool's thread i (the caller
+// is 0) owns share i, so calls that split the same rows alike give each thread the same part:
+// what it wrote in one is in its own caches for the next.
 void parallel_for_ranges(int64_t n, int64_t step, void (*call)(void* ctx, int64_t, int64_t),
                          void* ctx);
 
