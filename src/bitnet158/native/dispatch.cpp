@@ -135,10 +135,11 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
     constexpr int64_t tt = kAmxTileTokens;
     int8_t* const amx_x =
         amx ? thread_scratch<int8_t>(cdiv(T, tt) * tt * kpad, Scratch::amx_activations) : nullptr;
-    if (amx)
-        parallel_for(cdiv(T, tt), [&](int64_t j) {
-            amx_activations(x_q + tt * j * kpad, std::min(tt, T - tt * j), kpad,
-                            amx_x + tt * j * kpad);
+    if (amx)  // each thread the token tiles of its own share (see for_rows in forward.cpp)
+        parallel_ranges(cdiv(T, tt), 1, [&](int64_t j0, int64_t j1) {
+            for (int64_t j = j0; j < j1; ++j)
+                amx_activations(x_q + tt * j * kpad, std::min(tt, T - tt * j), kpad,
+                                amx_x + tt * j * kpad);
         });
     const int64_t tokens =
         amx ? std::clamp(kAmxCallBytes / kpad / kAmxTokens * kAmxTokens, kAmxTokens,

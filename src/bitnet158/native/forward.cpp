@@ -400,9 +400,13 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
         const int64_t units = nruns * KVH;
         const int64_t per_chunk =
             std::max<int64_t>(1, units * kMinAttendWork / std::max<int64_t>(work, 1));
-        parallel_for(cdiv(units, per_chunk), [&](int64_t c) {
-            for (int64_t u = c * per_chunk; u < std::min(units, (c + 1) * per_chunk); ++u) {
-                const int64_t r = nruns - 1 - u / KVH, h = u % KVH;  // the longest runs first
+        // Runs in token order, each thread starting on its own share of the positions (the q
+        // rows its GEMM share wrote, the rows its next norms read; in chunks claimed by either
+        // thread, attention took ~3 % longer); the thread with the shorter runs then takes the
+        // longest ones from the back of the other's share.
+        parallel_ranges(units, per_chunk, [&](int64_t u0, int64_t u1) {
+            for (int64_t u = u0; u < u1; ++u) {
+                const int64_t r = u / KVH, h = u % KVH;
                 const int64_t t0 = runs[size_t(r)], npos = runs[size_t(r) + 1] - t0;
                 const int64_t n0 = int64_t(positions[t0]) + 1;
                 const int64_t at = ((slots[t0] * L + l) * KVH + h) * cache.max_ctx * D * es;
