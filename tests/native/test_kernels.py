@@ -78,6 +78,25 @@ def test_gemm_extreme_values_do_not_overflow(isa):
     )
 
 
+@pytest.mark.parametrize("n,k", [(3, 300), (37, 2560), (100, 6912)])
+def test_relu2_gated_bitlinear_bit_exact(n, k):
+    """The feed-forward's ReLU² gate relu(x W_g^T)^2 * (x W_u^T) against numpy: on AMX (12
+    tokens or more) fused into the GEMM's store, elsewhere two GEMMs and a pass. n 3 and 37:
+    a partial 16-row pass; 100 tokens: groups of token tiles that reuse the unpacked codes."""
+    gate_codes, gate = weights(n, k)
+    up_codes = weights(n + 1, k)[0][:n]  # other codes than the gate's
+    up = packing.pack_ours(up_codes)
+    for t in (5, 12, 37, 100):
+        x = activations(t, k, seed=t)
+        y_g = quant.ternary_linear_reference(x, gate_codes, 0.8)
+        y_u = quant.ternary_linear_reference(x, up_codes, 1.3)
+        r = np.maximum(y_g, np.float32(0))
+        expected = (r * r) * y_u
+        for isa in ISAS:
+            got = _native.bitlinear(x, gate, 0.8, n, k, isa=isa, up=up, up_beta=1.3)
+            np.testing.assert_array_equal(got, expected, err_msg=f"{isa} T={t}")
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threads_do_not_change_results(threads):
     n, k = 4097, 2560

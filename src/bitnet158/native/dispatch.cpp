@@ -126,11 +126,13 @@ const Kernels& kernels_for(Isa isa) {
     return scalar;
 }
 
+bool gemm_uses_amx(const Kernels& kern, int64_t T) { return kern.amx && T >= kAmxMinTokens; }
+
 void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum, int64_t T,
                     int64_t kpad, const GemmTask* tasks, int64_t ntasks) {
     if (T == 0 || ntasks == 0)
         return;
-    const bool amx = kern.amx && T >= kAmxMinTokens;
+    const bool amx = gemm_uses_amx(kern, T);
     // AMX: the activations in the tiles' order, once for all tasks and chunks.
     constexpr int64_t tt = kAmxTileTokens;
     int8_t* const amx_x =
@@ -177,7 +179,11 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
             }
             const int64_t nt = std::min(tokens, T - seg->t0);
             const bool tq1 = task.layout == Layout::tq1;
-            if (amx)
+            if (task.up)
+                gemm_groups_amx_relu2(amx_x + seg->t0 * kpad, x_sum + seg->t0, nt, kpad,
+                                      task.packed, task.up, task.n, g0, g1, part, task.up_beta,
+                                      tq1);
+            else if (amx)
                 gemm_groups_amx(amx_x + seg->t0 * kpad, x_sum + seg->t0, nt, kpad,
                                 task.packed, task.n, g0, g1, part, tq1);
             else
@@ -277,8 +283,16 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
     run_gemm_tasks(kernels_for(isa), x_pad.get(), x_sum.data(), T, kpad, &task, 1);
 }
 
+// Branch-free: the signs of g are random.
+BITNET158_CLONES void relu2_mul(float* __restrict g, const float* __restrict u, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float r = std::max(g[i], 0.0f);
+        g[i] = (r * r) * u[i];
+    }
+}
+
 void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta, int64_t n,
-               float* y, Isa isa) {
+               float* y, Isa isa, const uint8_t* up, float up_beta) {
     const Kernels& kern = kernels_for(isa);
     const int64_t kpad = cdiv(k, kBlock) * kBlock;
     AlignedArray<int8_t> x_q(T * kpad);
@@ -290,8 +304,20 @@ void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, floa
     dst.s = s.data();
     dst.beta = beta;
     dst.n = n;
-    const GemmTask task{packed, n, dst};
-    run_gemm_tasks(kern, x_q.get(), x_sum.data(), T, kpad, &task, 1);
+    GemmTask tasks[2] = {{packed, n, dst}, {up, n, dst}};
+    if (!up) {
+        run_gemm_tasks(kern, x_q.get(), x_sum.data(), T, kpad, tasks, 1);
+    } else if (gemm_uses_amx(kern, T)) {
+        tasks[0].up = up;
+        tasks[0].up_beta = up_beta;
+        run_gemm_tasks(kern, x_q.get(), x_sum.data(), T, kpad, tasks, 1);
+    } else {
+        std::vector<float> u(static_cast<size_t>(T * n));
+        tasks[1].out.f32 = u.data();
+        tasks[1].out.beta = up_beta;
+        run_gemm_tasks(kern, x_q.get(), x_sum.data(), T, kpad, tasks, 2);
+        relu2_mul(y, u.data(), T * n);
+    }
 }
 
 uint64_t read_bytes(const uint8_t* p, int64_t n) {

@@ -89,7 +89,14 @@ struct GemmTask {
     int64_t n;
     GemmOut out;
     Layout layout = Layout::bits2;
+    // AMX only (gemm_uses_amx): packed is a gate, `up` its up matrix with weight scale up_beta,
+    // and out gets relu(gate)^2 * up (gemm_groups_amx_relu2)
+    const uint8_t* up = nullptr;
+    float up_beta = 0.0f;
 };
+
+// Whether run_gemm_tasks takes T tokens on the AMX GEMM.
+bool gemm_uses_amx(const Kernels& kern, int64_t T);
 
 // All dot products of x_q int8[T, kpad] (64-byte aligned, zero beyond k; x_sum its row sums)
 // with every task's matrix, as one job of the thread pool: the fused q/k/v or gate/up
@@ -105,9 +112,24 @@ void quantize_activations(const float* x, int64_t T, int64_t k, int8_t* x_q, flo
 void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* packed, int64_t n,
                       int32_t* out, Isa isa, Layout layout = Layout::bits2);
 
-// y float32[T, n] = float(quantize(x) . W) / s * beta (quant.ternary_linear_reference).
+// y float32[T, n] = float(quantize(x) . W) / s * beta (quant.ternary_linear_reference). With
+// `up` (a matrix packed alike): relu(y)^2 * (the same for up with up_beta), the ReLU² gate of a
+// feed-forward (fused into the AMX GEMM's store where it runs).
 void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta, int64_t n,
-               float* y, Isa isa);
+               float* y, Isa isa, const uint8_t* up = nullptr, float up_beta = 0.0f);
+
+// Row-wise float loops (norms, ReLU^2) compiled for AVX-512, AVX2 and the baseline, picked by
+// the loader from CPUID. They neither reassociate nor contract (-ffp-contract=off), so every
+// clone computes the same bits.
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define BITNET158_CLONES \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BITNET158_CLONES
+#endif
+
+// ReLU^2 gate: g[i] = relu(g[i])^2 * u[i] (the AMX GEMM's relu2 store computes the same bits).
+void relu2_mul(float* g, const float* u, int64_t n);
 
 // Read all n bytes at p with the thread pool and return their xor (64 bits at a time): the
 // bandwidth probe of `bitnet158 bench`.

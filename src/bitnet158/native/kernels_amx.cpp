@@ -191,25 +191,41 @@ BITNET158_AMX inline void transpose16(__m512i r[16]) {
 // out.store of one pass's results: c[tile][row][token % 16] for rows [row0, row0 + rows) and
 // tokens [t0, t0 + ntok), each tile transposed in registers to 16 rows per token (a gather per
 // token was ~3 % slower). The same IEEE operations as GemmOut::store, element by element, so
-// the same bits.
-BITNET158_AMX void store_pass(const int32_t* c, int64_t t0, int64_t ntok, int64_t row0,
-                              int64_t rows, const int32_t* x_sum, const GemmOut& out) {
+// the same bits. With c_up (the up matrix's pass over the same rows and tokens), relu(y)^2 * u
+// is stored instead of y, u dequantized with up_beta: as relu2_mul (forward.cpp) computes it,
+// max(0, y) keeping a NaN or -0 y as std::max(y, 0) does.
+BITNET158_AMX void store_pass(const int32_t* c, const int32_t* c_up, float up_beta, int64_t t0,
+                              int64_t ntok, int64_t row0, int64_t rows, const int32_t* x_sum,
+                              const GemmOut& out) {
     const __mmask16 m = static_cast<__mmask16>((1u << rows) - 1);
     for (int64_t i0 = 0; i0 < ntok; i0 += kTile) {
-        __m512i dots[kTile];
+        __m512i dots[kTile], ups[kTile];
         for (int r = 0; r < kTile; ++r)
             dots[r] = _mm512_load_si512(c + i0 * kTile + r * kTile);
         transpose16(dots);
+        if (c_up) {
+            for (int r = 0; r < kTile; ++r)
+                ups[r] = _mm512_load_si512(c_up + i0 * kTile + r * kTile);
+            transpose16(ups);
+        }
         for (int64_t i = 0; i < std::min<int64_t>(kTile, ntok - i0); ++i) {
             const int64_t t = t0 + i0 + i;
-            const __m512i dot = _mm512_sub_epi32(dots[i], _mm512_set1_epi32(x_sum[t]));
+            const __m512i xs = _mm512_set1_epi32(x_sum[t]);
+            const __m512i dot = _mm512_sub_epi32(dots[i], xs);
             if (!out.f32) {
                 _mm512_mask_storeu_epi32(out.i32 + t * out.n + row0, m, dot);
                 continue;
             }
-            __m512 y = _mm512_mul_ps(
-                _mm512_div_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(out.s[t])),
-                _mm512_set1_ps(out.beta));
+            const __m512 s = _mm512_set1_ps(out.s[t]);
+            __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(dot), s),
+                                     _mm512_set1_ps(out.beta));
+            if (c_up) {
+                const __m512i up_dot = _mm512_sub_epi32(ups[i], xs);
+                const __m512 u = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(up_dot), s),
+                                               _mm512_set1_ps(up_beta));
+                const __m512 r = _mm512_max_ps(_mm512_setzero_ps(), y);
+                y = _mm512_mul_ps(_mm512_mul_ps(r, r), u);
+            }
             float* o = out.f32 + t * out.n + row0;
             if (out.add)
                 y = _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), y);
@@ -260,9 +276,13 @@ BITNET158_AMX void amx_activations(const int8_t* x_q, int64_t T, int64_t kpad, i
     }
 }
 
-BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
-                                   const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
-                                   const GemmOut& out, bool tq1) {
+namespace {
+
+// gemm_groups_amx over `sets` matrices of the same shape (1; or 2, gate and up, whose passes over
+// the same rows a call takes side by side and whose results store_pass combines).
+BITNET158_AMX void gemm_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
+                            const uint8_t* const* packed, int64_t sets, int64_t n, int64_t g0,
+                            int64_t g1, const GemmOut& out, float up_beta, bool tq1) {
     constexpr int64_t kC = kTile * kTile;
     const int64_t kblk = tq1 ? kTq1Block : kBlock, blocks = kpad / kblk;
     const int64_t item_bytes = kTile * kblk;  // one (block, pass) of unpacked codes
@@ -283,10 +303,14 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
     };
     alignas(64) int32_t c[kAmxCallPasses][kTokenTilesPerPass * kC];
     configure_tiles();
-    for (int64_t gp = g0; gp < g1; gp += kAmxCallPasses * kAmxPassGroups) {
-        const int64_t passes =
-            std::min(kAmxCallPasses, (g1 - gp + kAmxPassGroups - 1) / kAmxPassGroups);
-        const int64_t items = blocks * passes;
+    const int64_t set_passes = kAmxCallPasses / sets;  // row passes of each matrix per call
+    for (int64_t gp = g0; gp < g1; gp += set_passes * kAmxPassGroups) {
+        const int64_t row_passes =
+            std::min(set_passes, (g1 - gp + kAmxPassGroups - 1) / kAmxPassGroups);
+        const int64_t passes = row_passes * sets, items = blocks * passes;
+        // pass p: matrix p / row_passes, its row groups from group(p)
+        const auto matrix = [&](int64_t p) { return packed[p / row_passes]; };
+        const auto group = [&](int64_t p) { return gp + p % row_passes * kAmxPassGroups; };
         for (int64_t tt = 0; tt < tiles; tt += kTokenTilesPerPass) {
             const int8_t* bt = b + tt * kpad * kTile;
             const int64_t ntt = std::min<int64_t>(kTokenTilesPerPass, tiles - tt);
@@ -295,21 +319,25 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
             // vector unit unpacks while the tiles multiply (one after the other, the unpacking
             // took ~30 % of the GEMM)
             const bool unpack = tt == 0;
-            const int64_t ntok = std::min(ntt * kTile, T - tt * kTile), lines = passes * ntok;
+            const int64_t ntok = std::min(ntt * kTile, T - tt * kTile), lines = row_passes * ntok;
             if (unpack)
-                unpack_block(packed, kpad, gp, g1, 0, codes(0), tq1);
+                unpack_block(matrix(0), kpad, gp, g1, 0, codes(0), tq1);
             for (int64_t it = 0; it < items; ++it) {
                 const int64_t kb = it / passes, p = it % passes;
                 // the lines store_pass will write, a share per item (the passes' lines in turn)
                 for (int64_t l = it * lines / items; l < (it + 1) * lines / items; ++l)
                     prefetch_out_line(out, tt * kTile + l % ntok,
                                       (gp + l / ntok * kAmxPassGroups) * kRows);
-                if (unpack && it + 1 < items)
-                    unpack_block(packed, kpad, gp + (it + 1) % passes * kAmxPassGroups, g1,
-                                 (it + 1) / passes, codes(it + 1), tq1);
-                if (unpack && it + kAmxPrefetchItems < items)
-                    prefetch_block(packed, kpad, gp + (it + kAmxPrefetchItems) % passes *
-                                   kAmxPassGroups, g1, (it + kAmxPrefetchItems) / passes, tq1);
+                if (unpack && it + 1 < items) {
+                    const int64_t q = (it + 1) % passes;
+                    unpack_block(matrix(q), kpad, group(q), g1, (it + 1) / passes, codes(it + 1),
+                                 tq1);
+                }
+                if (unpack && it + kAmxPrefetchItems < items) {
+                    const int64_t q = (it + kAmxPrefetchItems) % passes;
+                    prefetch_block(matrix(q), kpad, group(q), g1, (it + kAmxPrefetchItems) / passes,
+                                   tq1);
+                }
                 const int8_t* bk = bt + kb * kblk * kTile;
                 const uint8_t* ak = codes(it);
                 switch (ntt) {
@@ -319,14 +347,31 @@ BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_
                     default: tile_block<4>(ak, bk, kpad * kTile, kblk, kb == 0, c[p]); break;
                 }
             }
-            for (int64_t p = 0; p < passes; ++p) {
-                const int64_t g = gp + p * kAmxPassGroups;
+            for (int64_t p = 0; p < row_passes; ++p) {
+                const int64_t g = group(p);
                 const int64_t rows = std::min({int64_t(kTile), n - g * kRows, (g1 - g) * kRows});
-                store_pass(c[p], tt * kTile, ntok, g * kRows, rows, x_sum, out);
+                store_pass(c[p], sets == 2 ? c[p + row_passes] : nullptr, up_beta, tt * kTile,
+                           ntok, g * kRows, rows, x_sum, out);
             }
         }
     }
     _tile_release();
+}
+
+}  // namespace
+
+BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
+                                   const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
+                                   const GemmOut& out, bool tq1) {
+    gemm_amx(b, x_sum, T, kpad, &packed, 1, n, g0, g1, out, 0.0f, tq1);
+}
+
+BITNET158_AMX void gemm_groups_amx_relu2(const int8_t* b, const int32_t* x_sum, int64_t T,
+                                         int64_t kpad, const uint8_t* gate, const uint8_t* up,
+                                         int64_t n, int64_t g0, int64_t g1, const GemmOut& out,
+                                         float up_beta, bool tq1) {
+    const uint8_t* const packed[2] = {gate, up};
+    gemm_amx(b, x_sum, T, kpad, packed, 2, n, g0, g1, out, up_beta, tq1);
 }
 
 }  // namespace bitnet158
@@ -338,6 +383,9 @@ bool amx_usable() { return false; }
 void amx_activations(const int8_t*, int64_t, int64_t, int8_t*) {}
 void gemm_groups_amx(const int8_t*, const int32_t*, int64_t, int64_t, const uint8_t*, int64_t,
                      int64_t, int64_t, const GemmOut&, bool) {}
+void gemm_groups_amx_relu2(const int8_t*, const int32_t*, int64_t, int64_t, const uint8_t*,
+                           const uint8_t*, int64_t, int64_t, int64_t, const GemmOut&, float,
+                           bool) {}
 }  // namespace bitnet158
 
 #endif

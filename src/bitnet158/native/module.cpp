@@ -631,25 +631,34 @@ NB_MODULE(_native, m) {
 
     m.def(
         "bitlinear",
-        [](Arr x, Arr packed, double beta, int64_t n, int64_t k, std::optional<std::string> isa) {
+        [](Arr x, Arr packed, double beta, int64_t n, int64_t k, std::optional<std::string> isa,
+           std::optional<Arr> up, double up_beta) {
             const Isa use = pick_isa(isa);
             const float* xd = typed<float>(x, 2, "x");
             const uint8_t* wd = typed<uint8_t>(packed, 2, "packed");
             check_dims(n, k);
             check_k(x, k, "x");
             check_packed(packed, n, k, "packed");
+            const uint8_t* ud = nullptr;
+            if (up) {
+                ud = typed<uint8_t>(*up, 2, "up");
+                check_packed(*up, n, k, "up");
+            }
             const int64_t T = x.shape(0);
             float* y;
             auto arr = new_array<float>({size_t(T), size_t(n)}, &y);
             {
                 nb::gil_scoped_release release;
-                bitlinear(xd, T, k, wd, static_cast<float>(beta), n, y, use);
+                bitlinear(xd, T, k, wd, static_cast<float>(beta), n, y, use, ud,
+                          static_cast<float>(up_beta));
             }
             return arr;
         },
         "x"_a.noconvert(), "packed"_a.noconvert(), "beta"_a, "n"_a, "k"_a, "isa"_a = nb::none(),
+        "up"_a.noconvert() = nb::none(), "up_beta"_a = 1.0,
         "Quantized linear y = float(x_q . W^T) / s * beta -> float32[T, n], bit-identical to "
-        "bitnet158.quant.ternary_linear_reference for finite x.");
+        "bitnet158.quant.ternary_linear_reference for finite x. With up (a second matrix packed "
+        "alike): relu(y)^2 * (the same with up and up_beta), the ReLU^2 gate of a feed-forward.");
 
     m.def(
         "quantize_rows_int8",
