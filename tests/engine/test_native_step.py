@@ -396,6 +396,30 @@ def test_prefill_attention_equals_one_token_steps_on_every_isa(tmp_path, heads, 
             np.testing.assert_array_equal(run(isa, kv, [0, 71, 150]), steps, err_msg=f"{isa} {kv}")
 
 
+@pytest.mark.parametrize("variant", ["relu2-subln-gqa-tied", "silu-subln-mha"])
+def test_gated_feed_forward_prefill_equals_one_token_steps_on_every_isa(tmp_path, variant):
+    """A 40-token prefill applies the feed-forward's gate (ReLU² or SwiGLU) in the AMX GEMM's
+    store where AMX runs, one-token steps in a separate pass: the logits must agree bit for
+    bit on every ISA. An intermediate size of 200 leaves a partial 16-row pass (SwiGLU's
+    scalar tail). (Gates beyond the exponential's range: tests/native/test_kernels.py.)"""
+    cfg = make_config(variant, intermediate_size=200)
+    tensors = random_tensors(cfg, seed=21)
+    path = save_native(tmp_path / "m.safetensors", cfg, tensors, TOKENIZER_JSON)
+    engine = bitnet158.load(path).engine
+    ids = np.random.default_rng(5).integers(3, VOCAB, size=40).astype(np.int32)
+    for isa in ISAS:
+        whole = native_logits(engine, ids, isa)
+        cache = engine.new_cache(len(ids))
+        steps = [
+            engine.native.forward(ids[i : i + 1], np.zeros(1, np.int32),
+                                  np.array([i], np.int32), cache.k, cache.v,
+                                  np.zeros(1, np.int64), isa=isa)
+            for i in range(len(ids))
+        ]  # fmt: skip
+        assert np.isfinite(whole).all(), isa
+        np.testing.assert_array_equal(whole, np.concatenate(steps), err_msg=isa)
+
+
 def test_one_call_with_prefills_of_two_sequences_on_every_isa(tiny_path):
     """A step holding two sequences' tokens, in no order, where one sequence's positions go on
     from where the other's stop (runs of attention end where the slot or the position sequence

@@ -79,10 +79,12 @@ def test_gemm_extreme_values_do_not_overflow(isa):
 
 
 @pytest.mark.parametrize("n,k", [(3, 300), (37, 2560), (100, 6912)])
-def test_relu2_gated_bitlinear_bit_exact(n, k):
-    """The feed-forward's ReLU² gate relu(x W_g^T)^2 * (x W_u^T) against numpy: on AMX (12
-    tokens or more) fused into the GEMM's store, elsewhere two GEMMs and a pass. n 3 and 37:
-    a partial 16-row pass; 100 tokens: groups of token tiles that reuse the unpacked codes."""
+def test_gated_bitlinear_bit_exact(n, k):
+    """A feed-forward's gate act(x W_g^T) * (x W_u^T): on AMX (12 tokens or more) fused into the
+    GEMM's store, elsewhere two GEMMs and a pass. ReLU² against numpy on every ISA; SwiGLU (its
+    exp is the ISA's) on AMX against the AVX-512 pass, bit for bit, and numpy within 1e-6. n 3
+    and 37: a partial 16-row pass (SwiGLU's scalar tail); 100 tokens: groups of token tiles that
+    reuse the unpacked codes."""
     gate_codes, gate = weights(n, k)
     up_codes = weights(n + 1, k)[0][:n]  # other codes than the gate's
     up = packing.pack_ours(up_codes)
@@ -91,10 +93,23 @@ def test_relu2_gated_bitlinear_bit_exact(n, k):
         y_g = quant.ternary_linear_reference(x, gate_codes, 0.8)
         y_u = quant.ternary_linear_reference(x, up_codes, 1.3)
         r = np.maximum(y_g, np.float32(0))
-        expected = (r * r) * y_u
         for isa in ISAS:
             got = _native.bitlinear(x, gate, 0.8, n, k, isa=isa, up=up, up_beta=1.3)
-            np.testing.assert_array_equal(got, expected, err_msg=f"{isa} T={t}")
+            np.testing.assert_array_equal(got, (r * r) * y_u, err_msg=f"{isa} T={t}")
+        silu = y_g / (1 + np.exp(-y_g.astype(np.float64))) * y_u
+        for isa in ISAS:
+            got = _native.bitlinear(x, gate, 0.8, n, k, isa=isa, up=up, up_beta=1.3, gate="silu")
+            np.testing.assert_allclose(got, silu, rtol=1e-6, atol=1e-6 * np.abs(silu).max())
+        if "amx" in ISAS:
+            np.testing.assert_array_equal(
+                _native.bitlinear(x, gate, 0.8, n, k, isa="amx", up=up, up_beta=1.3, gate="silu"),
+                _native.bitlinear(
+                    x, gate, 0.8, n, k, isa="avx512", up=up, up_beta=1.3, gate="silu"
+                ),
+                err_msg=f"T={t}",
+            )
+    with pytest.raises(ValueError, match="gate must be"):
+        _native.bitlinear(x, gate, 0.8, n, k, up=up, gate="gelu")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -180,9 +180,9 @@ void run_gemm_tasks(const Kernels& kern, const int8_t* x_q, const int32_t* x_sum
             const int64_t nt = std::min(tokens, T - seg->t0);
             const bool tq1 = task.layout == Layout::tq1;
             if (task.up)
-                gemm_groups_amx_relu2(amx_x + seg->t0 * kpad, x_sum + seg->t0, nt, kpad,
+                gemm_groups_amx_gated(amx_x + seg->t0 * kpad, x_sum + seg->t0, nt, kpad,
                                       task.packed, task.up, task.n, g0, g1, part, task.up_beta,
-                                      tq1);
+                                      task.act, tq1);
             else if (amx)
                 gemm_groups_amx(amx_x + seg->t0 * kpad, x_sum + seg->t0, nt, kpad,
                                 task.packed, task.n, g0, g1, part, tq1);
@@ -292,7 +292,7 @@ BITNET158_CLONES void relu2_mul(float* __restrict g, const float* __restrict u, 
 }
 
 void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta, int64_t n,
-               float* y, Isa isa, const uint8_t* up, float up_beta) {
+               float* y, Isa isa, const uint8_t* up, float up_beta, Gate act) {
     const Kernels& kern = kernels_for(isa);
     const int64_t kpad = cdiv(k, kBlock) * kBlock;
     AlignedArray<int8_t> x_q(T * kpad);
@@ -310,13 +310,18 @@ void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, floa
     } else if (gemm_uses_amx(kern, T)) {
         tasks[0].up = up;
         tasks[0].up_beta = up_beta;
+        tasks[0].act = act;
         run_gemm_tasks(kern, x_q.get(), x_sum.data(), T, kpad, tasks, 1);
     } else {
         std::vector<float> u(static_cast<size_t>(T * n));
         tasks[1].out.f32 = u.data();
         tasks[1].out.beta = up_beta;
         run_gemm_tasks(kern, x_q.get(), x_sum.data(), T, kpad, tasks, 2);
-        relu2_mul(y, u.data(), T * n);
+        for (int64_t t = 0; t < T; ++t)  // row by row, as the engine (SIMD bodies, then tails)
+            if (act == Gate::relu2)
+                relu2_mul(y + t * n, u.data() + t * n, n);
+            else
+                kern.silu_mul(y + t * n, u.data() + t * n, n);
     }
 }
 

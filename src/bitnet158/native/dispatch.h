@@ -90,9 +90,10 @@ struct GemmTask {
     GemmOut out;
     Layout layout = Layout::bits2;
     // AMX only (gemm_uses_amx): packed is a gate, `up` its up matrix with weight scale up_beta,
-    // and out gets relu(gate)^2 * up (gemm_groups_amx_relu2)
+    // and out gets act(gate) * up (gemm_groups_amx_gated)
     const uint8_t* up = nullptr;
     float up_beta = 0.0f;
+    Gate act = Gate::relu2;
 };
 
 // Whether run_gemm_tasks takes T tokens on the AMX GEMM.
@@ -113,10 +114,11 @@ void ternary_gemm_i32(const int8_t* x_q, int64_t T, int64_t k, const uint8_t* pa
                       int32_t* out, Isa isa, Layout layout = Layout::bits2);
 
 // y float32[T, n] = float(quantize(x) . W) / s * beta (quant.ternary_linear_reference). With
-// `up` (a matrix packed alike): relu(y)^2 * (the same for up with up_beta), the ReLU² gate of a
+// `up` (a matrix packed alike): act(y) * (the same for up with up_beta), the gate of a
 // feed-forward (fused into the AMX GEMM's store where it runs).
 void bitlinear(const float* x, int64_t T, int64_t k, const uint8_t* packed, float beta, int64_t n,
-               float* y, Isa isa, const uint8_t* up = nullptr, float up_beta = 0.0f);
+               float* y, Isa isa, const uint8_t* up = nullptr, float up_beta = 0.0f,
+               Gate act = Gate::relu2);
 
 // Row-wise float loops (norms, ReLU^2) compiled for AVX-512, AVX2 and the baseline, picked by
 // the loader from CPUID. They neither reassociate nor contract (-ffp-contract=off), so every

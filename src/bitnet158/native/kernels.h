@@ -144,13 +144,16 @@ void amx_activations(const int8_t* x_q, int64_t T, int64_t kpad, int8_t* b);
 void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
                      const uint8_t* packed, int64_t n, int64_t g0, int64_t g1, const GemmOut& out,
                      bool tq1);
-// The same for a feed-forward's gate and up matrices (same shape and layout) with the ReLU²
-// gate in the epilogue: out.f32[t, row] = relu(g)^2 * u, g dequantized with out.beta and u with
-// up_beta as GemmOut::store does, then relu2 as the separate pass does it: the same bits as
-// storing both and that pass, without writing (and reading back) up's [T, n] floats.
-void gemm_groups_amx_relu2(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
+// A feed-forward's gate: ReLU² (relu(g)^2 * u, BitNet b1.58 2B-4T) or SwiGLU (silu(g) * u).
+enum class Gate { relu2, silu };
+// The same for a feed-forward's gate and up matrices (same shape and layout) with the gate in
+// the epilogue: out.f32[t, row] = act(g) * u, g dequantized with out.beta and u with up_beta as
+// GemmOut::store does, then the activation as the separate pass does it (relu2_mul, or the
+// AVX-512 silu_mul): the same bits as storing both and that pass, without writing (and reading
+// back) up's [T, n] floats.
+void gemm_groups_amx_gated(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
                            const uint8_t* gate, const uint8_t* up, int64_t n, int64_t g0,
-                           int64_t g1, const GemmOut& out, float up_beta, bool tq1);
+                           int64_t g1, const GemmOut& out, float up_beta, Gate act, bool tq1);
 
 #define BITNET158_DECLARE_KERNELS(isa)                                                             \
     float quantize_row_##isa(const float* x, int64_t k, int8_t* q);                                \

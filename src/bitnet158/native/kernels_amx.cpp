@@ -191,12 +191,14 @@ BITNET158_AMX inline void transpose16(__m512i r[16]) {
 // out.store of one pass's results: c[tile][row][token % 16] for rows [row0, row0 + rows) and
 // tokens [t0, t0 + ntok), each tile transposed in registers to 16 rows per token (a gather per
 // token was ~3 % slower). The same IEEE operations as GemmOut::store, element by element, so
-// the same bits. With c_up (the up matrix's pass over the same rows and tokens), relu(y)^2 * u
-// is stored instead of y, u dequantized with up_beta: as relu2_mul (forward.cpp) computes it,
-// max(0, y) keeping a NaN or -0 y as std::max(y, 0) does.
-BITNET158_AMX void store_pass(const int32_t* c, const int32_t* c_up, float up_beta, int64_t t0,
-                              int64_t ntok, int64_t row0, int64_t rows, const int32_t* x_sum,
-                              const GemmOut& out) {
+// the same bits. With c_up (the up matrix's pass over the same rows and tokens), act(y) * u is
+// stored instead of y, u dequantized with up_beta, computed as the separate pass would: ReLU² as
+// relu2_mul (max(0, y) keeps a NaN or -0 y as std::max(y, 0) does); SwiGLU by silu_mul_avx512
+// itself over the pass's rows (its vector code, or its scalar tail for the last, partial pass
+// of a row: the same lanes as over a whole row).
+BITNET158_AMX void store_pass(const int32_t* c, const int32_t* c_up, float up_beta, Gate act,
+                              int64_t t0, int64_t ntok, int64_t row0, int64_t rows,
+                              const int32_t* x_sum, const GemmOut& out) {
     const __mmask16 m = static_cast<__mmask16>((1u << rows) - 1);
     for (int64_t i0 = 0; i0 < ntok; i0 += kTile) {
         __m512i dots[kTile], ups[kTile];
@@ -223,8 +225,16 @@ BITNET158_AMX void store_pass(const int32_t* c, const int32_t* c_up, float up_be
                 const __m512i up_dot = _mm512_sub_epi32(ups[i], xs);
                 const __m512 u = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(up_dot), s),
                                                _mm512_set1_ps(up_beta));
-                const __m512 r = _mm512_max_ps(_mm512_setzero_ps(), y);
-                y = _mm512_mul_ps(_mm512_mul_ps(r, r), u);
+                if (act == Gate::relu2) {
+                    const __m512 r = _mm512_max_ps(_mm512_setzero_ps(), y);
+                    y = _mm512_mul_ps(_mm512_mul_ps(r, r), u);
+                } else {
+                    alignas(64) float g16[kTile], u16[kTile];
+                    _mm512_store_ps(g16, y);
+                    _mm512_store_ps(u16, u);
+                    silu_mul_avx512(g16, u16, rows);
+                    y = _mm512_load_ps(g16);
+                }
             }
             float* o = out.f32 + t * out.n + row0;
             if (out.add)
@@ -282,7 +292,7 @@ namespace {
 // the same rows a call takes side by side and whose results store_pass combines).
 BITNET158_AMX void gemm_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
                             const uint8_t* const* packed, int64_t sets, int64_t n, int64_t g0,
-                            int64_t g1, const GemmOut& out, float up_beta, bool tq1) {
+                            int64_t g1, const GemmOut& out, float up_beta, Gate act, bool tq1) {
     constexpr int64_t kC = kTile * kTile;
     const int64_t kblk = tq1 ? kTq1Block : kBlock, blocks = kpad / kblk;
     const int64_t item_bytes = kTile * kblk;  // one (block, pass) of unpacked codes
@@ -350,8 +360,8 @@ BITNET158_AMX void gemm_amx(const int8_t* b, const int32_t* x_sum, int64_t T, in
             for (int64_t p = 0; p < row_passes; ++p) {
                 const int64_t g = group(p);
                 const int64_t rows = std::min({int64_t(kTile), n - g * kRows, (g1 - g) * kRows});
-                store_pass(c[p], sets == 2 ? c[p + row_passes] : nullptr, up_beta, tt * kTile,
-                           ntok, g * kRows, rows, x_sum, out);
+                store_pass(c[p], sets == 2 ? c[p + row_passes] : nullptr, up_beta, act,
+                           tt * kTile, ntok, g * kRows, rows, x_sum, out);
             }
         }
     }
@@ -363,15 +373,15 @@ BITNET158_AMX void gemm_amx(const int8_t* b, const int32_t* x_sum, int64_t T, in
 BITNET158_AMX void gemm_groups_amx(const int8_t* b, const int32_t* x_sum, int64_t T, int64_t kpad,
                                    const uint8_t* packed, int64_t n, int64_t g0, int64_t g1,
                                    const GemmOut& out, bool tq1) {
-    gemm_amx(b, x_sum, T, kpad, &packed, 1, n, g0, g1, out, 0.0f, tq1);
+    gemm_amx(b, x_sum, T, kpad, &packed, 1, n, g0, g1, out, 0.0f, Gate::relu2, tq1);
 }
 
-BITNET158_AMX void gemm_groups_amx_relu2(const int8_t* b, const int32_t* x_sum, int64_t T,
+BITNET158_AMX void gemm_groups_amx_gated(const int8_t* b, const int32_t* x_sum, int64_t T,
                                          int64_t kpad, const uint8_t* gate, const uint8_t* up,
                                          int64_t n, int64_t g0, int64_t g1, const GemmOut& out,
-                                         float up_beta, bool tq1) {
+                                         float up_beta, Gate act, bool tq1) {
     const uint8_t* const packed[2] = {gate, up};
-    gemm_amx(b, x_sum, T, kpad, packed, 2, n, g0, g1, out, up_beta, tq1);
+    gemm_amx(b, x_sum, T, kpad, packed, 2, n, g0, g1, out, up_beta, act, tq1);
 }
 
 }  // namespace bitnet158
@@ -383,8 +393,8 @@ bool amx_usable() { return false; }
 void amx_activations(const int8_t*, int64_t, int64_t, int8_t*) {}
 void gemm_groups_amx(const int8_t*, const int32_t*, int64_t, int64_t, const uint8_t*, int64_t,
                      int64_t, int64_t, const GemmOut&, bool) {}
-void gemm_groups_amx_relu2(const int8_t*, const int32_t*, int64_t, int64_t, const uint8_t*,
-                           const uint8_t*, int64_t, int64_t, int64_t, const GemmOut&, float,
+void gemm_groups_amx_gated(const int8_t*, const int32_t*, int64_t, int64_t, const uint8_t*,
+                           const uint8_t*, int64_t, int64_t, int64_t, const GemmOut&, float, Gate,
                            bool) {}
 }  // namespace bitnet158
 

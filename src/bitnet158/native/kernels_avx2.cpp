@@ -150,8 +150,7 @@ BITNET158_AVX2 static inline float hmax8(__m256 v) {
 // e^x: 2^n * p(r) as in the AVX-512 kernel; 0 below -87, inf above 88.
 BITNET158_AVX2 static inline __m256 exp_neg(__m256 x) {
     const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-    const __m256 huge = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_GT_OQ),
-                                      _mm256_set1_ps(__builtin_inff()));
+    const __m256 huge = _mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_GT_OQ);
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -166,7 +165,10 @@ BITNET158_AVX2 static inline __m256 exp_neg(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     const __m256i e =
         _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_or_ps(huge, _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e))));
+    // inf selected, not or-ed in: inf's bits or-ed with a finite value's made a NaN (SwiGLU
+    // returned NaN for gates below -88)
+    return _mm256_blendv_ps(_mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e))),
+                            _mm256_set1_ps(__builtin_inff()), huge);
 }
 
 BITNET158_AVX2 static inline __m256 load8(const void* p, Dtype t, int64_t i) {

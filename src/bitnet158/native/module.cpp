@@ -19,6 +19,7 @@
 #include <cstring>
 #include <type_traits>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -632,13 +633,15 @@ NB_MODULE(_native, m) {
     m.def(
         "bitlinear",
         [](Arr x, Arr packed, double beta, int64_t n, int64_t k, std::optional<std::string> isa,
-           std::optional<Arr> up, double up_beta) {
+           std::optional<Arr> up, double up_beta, const std::string& gate) {
             const Isa use = pick_isa(isa);
             const float* xd = typed<float>(x, 2, "x");
             const uint8_t* wd = typed<uint8_t>(packed, 2, "packed");
             check_dims(n, k);
             check_k(x, k, "x");
             check_packed(packed, n, k, "packed");
+            if (gate != "relu2" && gate != "silu")
+                throw std::invalid_argument("gate must be 'relu2' or 'silu', not '" + gate + "'");
             const uint8_t* ud = nullptr;
             if (up) {
                 ud = typed<uint8_t>(*up, 2, "up");
@@ -650,15 +653,16 @@ NB_MODULE(_native, m) {
             {
                 nb::gil_scoped_release release;
                 bitlinear(xd, T, k, wd, static_cast<float>(beta), n, y, use, ud,
-                          static_cast<float>(up_beta));
+                          static_cast<float>(up_beta), gate == "silu" ? Gate::silu : Gate::relu2);
             }
             return arr;
         },
         "x"_a.noconvert(), "packed"_a.noconvert(), "beta"_a, "n"_a, "k"_a, "isa"_a = nb::none(),
-        "up"_a.noconvert() = nb::none(), "up_beta"_a = 1.0,
+        "up"_a.noconvert() = nb::none(), "up_beta"_a = 1.0, "gate"_a = "relu2",
         "Quantized linear y = float(x_q . W^T) / s * beta -> float32[T, n], bit-identical to "
         "bitnet158.quant.ternary_linear_reference for finite x. With up (a second matrix packed "
-        "alike): relu(y)^2 * (the same with up and up_beta), the ReLU^2 gate of a feed-forward.");
+        "alike): act(y) * (the same with up and up_beta), a feed-forward's gate: act relu(y)^2 "
+        "(gate='relu2') or silu(y) (gate='silu'), as the engine applies it.");
 
     m.def(
         "quantize_rows_int8",
