@@ -289,11 +289,12 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
     const int64_t es = dtype_size(cache.dtype);
     const float scale = static_cast<float>(1.0 / std::sqrt(double(D)));
 
-    // The step's buffers: slices of one block that this thread keeps (Scratch::step), sized
-    // by a first pass that only counts.
     // The AMX GEMM applies the feed-forward's gate as it stores and writes act(gate) * up only:
     // up's [T, I] floats, written and read back, were ~6 % of a 512-token prefill.
     const bool gated_store = gemm_uses_amx(kern, T);
+
+    // The step's buffers: slices of one block that this thread keeps (Scratch::step), sized
+    // by a first pass that only counts.
     Slicer slicer{nullptr};
     const int64_t keys_f16 = cache.dtype == Dtype::f16 ? T * KVS : 0;
     const auto slice = [&] {
