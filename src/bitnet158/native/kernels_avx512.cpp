@@ -329,14 +329,8 @@ BITNET158_AVX512 static inline __m512 load16_tail(const void* p, Dtype t, int64_
     return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
 }
 
-// out[r] (+)= sum_{j < cnt[r]} p[r][j] v[j] for R rows (positions x heads), values [m, d] f16 or
-// f32 (add: continue the chains from a previous block of values): 32 output values per pass,
-// each one FMA chain over j in order, so a row's result does not depend on the rows beside it
-// (a prefill's values are a one-token step's, bit for bit). Each value vector is converted once
-// for all R rows: 4 heads x 64 values per pass converted it for 4 rows only, and the conversions
-// took a third of the FMA ports. Rows of later positions count more values (j past a row's
-// count is skipped for it); chunks past d are masked off.
-// 16 values at element `at` of f16 or f32 values, lanes outside m zero.
+// 16 values at element `at` of f16 or f32 values, lanes outside m zero: load16_tail with the
+// dtype a template argument, so that weigh_rows' inner loop has no dtype branch.
 template <bool F16>
 BITNET158_AVX512 static inline __m512 value16(const void* values, int64_t at, __mmask16 m) {
     return F16 ? _mm512_cvtph_ps(
@@ -344,6 +338,13 @@ BITNET158_AVX512 static inline __m512 value16(const void* values, int64_t at, __
                : _mm512_maskz_loadu_ps(m, static_cast<const float*>(values) + at);
 }
 
+// out[r] (+)= sum_{j < cnt[r]} p[r][j] v[j] for R rows (positions x heads), values [m, d] f16 or
+// f32 (add: continue the chains from a previous block of values): 32 output values per pass,
+// each one FMA chain over j in order, so a row's result does not depend on the rows beside it
+// (a prefill's values are a one-token step's, bit for bit). Each value vector is converted once
+// for all R rows: 4 heads x 64 values per pass converted it for 4 rows only, and the conversions
+// took a third of the FMA ports. Rows of later positions count more values (j past a row's
+// count is skipped for it); chunks past d are masked off.
 template <int R, bool F16>
 BITNET158_AVX512 static void weigh_rows(const float* const* p, const int64_t* cnt,
                                         const void* values, int64_t d, float* const* out,
