@@ -52,13 +52,17 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {};
 };
 
-BITNET158_AMX void configure_tiles() {
+// Not inlined, so that the AMX tests run the form that GCC once broke (below).
+__attribute__((noinline)) BITNET158_AMX void configure_tiles() {
     TileConfig cfg;
     for (int i = 0; i < 6; ++i) {
         cfg.colsb[i] = 64;
         cfg.rows[i] = kTile;
     }
-    _tile_loadconfig(&cfg);
+    // LDTILECFG with all 64 bytes as its operand: GCC 12's _tile_loadconfig tells the compiler
+    // that it reads 8, so where this function is not inlined GCC drops the stores of the rows
+    // and widths (every tile then has 0 rows, and the first tile instruction raises SIGILL).
+    asm volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
 // Bytes of one block of a packed group: 4 rows x 64 bytes in both layouts.
