@@ -63,6 +63,36 @@ def test_run_and_report_without_peers(tmp_path, tiny_shape):
     json.dumps(results)  # the JSON file holds all of it
 
 
+def test_decode_at_a_depth_reads_its_context_first(tmp_path, tiny_shape, monkeypatch):
+    """--depth: each timed decode starts after `depth` context tokens in the cache (as
+    llama-bench -d), and the roofline counts their keys and values."""
+    from bitnet158.engine.model import EngineModel
+
+    cfg = bench.shape_config(tiny_shape)
+    path = bench.write_random_model(cfg, tmp_path / "m.safetensors")
+    seen = []  # (tokens in the call, positions in the cache before it)
+    forward = EngineModel.forward
+
+    def spy(self, tokens, cache, *args, **kwargs):
+        seen.append((len(tokens), cache.length))
+        return forward(self, tokens, cache, *args, **kwargs)
+
+    monkeypatch.setattr(EngineModel, "forward", spy)
+    args = dict(threads=1, prompt=8, decode=3, reps=2, depth=20, path=str(path),
+                lm_head="exact", kv_dtype="float16")  # fmt: skip
+    res = bench.worker_bitnet158(args)
+    assert res["decode_tps"] > 0
+    # warm-up, 2 prefills, then per decode: the context, then 3 steps from position 20
+    assert seen[3:] == [(20, 0), (1, 20), (1, 21), (1, 22)] * 2
+    sizes = bench.decode_bytes_per_token(cfg, "float16", keys=21.5)
+    assert sizes["kv"] == 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 21.5
+
+
+def test_depth_must_fit_the_shape(tiny_shape, capsys):
+    assert bench.main(["--shapes", tiny_shape, "--depth", "62", "--decode", "4"]) == 2
+    assert "must fit the tiny shape's 64 positions" in capsys.readouterr().err
+
+
 def test_paired_table():
     ok = dict(prefill_tps=200.0, decode_tps=40.0)
     peer = dict(prefill_tps=50.0, decode_tps=20.0)

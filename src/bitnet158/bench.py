@@ -5,8 +5,9 @@ in our format (2-bit layout, and the 1.6-bit one of `convert --to bitnet158-tq1`
 `formats.gguf`, as llama.cpp TQ2_0 / TQ1_0 GGUF files. Each engine
 runs in its own subprocess (so load time and peak RSS are its own) and is measured as
 llama-bench measures: prefill of a random prompt (pp, tokens/s) and decode of tokens one at a
-time from an empty context (tg, tokens/s). The machine's memory read bandwidth, measured in the
-same run, gives each engine's decode roofline: bytes read per token / bandwidth.
+time (tg, tokens/s), from an empty context or after `depth` context tokens (llama-bench's `-d`:
+each step then also reads their keys and values). The machine's memory read bandwidth, measured
+in the same run, gives each engine's decode roofline: bytes read per token / bandwidth.
 
 Peers are optional: llama.cpp needs `llama-cpp-python` (the `bench` extra), transformers needs
 torch; a peer that cannot run is reported as such, never silently dropped.
@@ -218,7 +219,8 @@ def worker_bitnet158(args: dict) -> dict:
     V = ckpt.config.vocab_size
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, V, size=args["prompt"])
-    ctx = args["prompt"] + args["decode"]
+    context = rng.integers(0, V, size=args.get("depth", 0))
+    ctx = max(args["prompt"], len(context) + args["decode"])
 
     # One cache for every run, emptied before each, as llama.cpp's context keeps its KV buffer
     # (allocated and cleared at load): a new cache per run also timed the first touch of its
@@ -229,15 +231,18 @@ def worker_bitnet158(args: dict) -> dict:
         cache.reset()
         engine.forward(prompt, cache, last_only=True)
 
-    def decode() -> None:
+    def decode() -> float:
         cache.reset()
-        token = 1
+        if len(context):
+            engine.forward(context, cache, last_only=True)
+        token, t0 = 1, time.perf_counter()
         for _ in range(args["decode"]):
             token = int(engine.forward(np.array([token]), cache)[0].argmax())
+        return time.perf_counter() - t0
 
     engine.forward(prompt[:16], cache)  # warm up
     pp = min(_timed(prefill) for _ in range(args["reps"]))
-    tg = min(_timed(decode) for _ in range(args["reps"]))
+    tg = min(decode() for _ in range(args["reps"]))
     return dict(
         load_s=load_s,
         prefill_tps=args["prompt"] / pp,
@@ -255,7 +260,8 @@ def worker_llama_cpp(args: dict) -> dict:
 
     info = llama_cpp.llama_print_system_info().decode()
     isa = [f for f in ("AVX512_VNNI", "AVX512", "AVX2") if f"{f} = 1" in info][:1]
-    ctx = args["prompt"] + args["decode"] + 16
+    depth = args.get("depth", 0)
+    ctx = max(args["prompt"], depth + args["decode"]) + 16
     t0 = time.perf_counter()
     llm = Llama(
         model_path=args["path"],
@@ -271,21 +277,25 @@ def worker_llama_cpp(args: dict) -> dict:
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, llm.n_vocab(), size=args["prompt"]).tolist()
+    context = rng.integers(0, llm.n_vocab(), size=depth).tolist()
 
     def prefill() -> None:
         llm.reset()
         llm.eval(prompt)
 
-    def decode() -> None:
+    def decode() -> float:
         llm.reset()
-        token = 1
+        if context:
+            llm.eval(context)
+        token, t0 = 1, time.perf_counter()
         for _ in range(args["decode"]):
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return time.perf_counter() - t0
 
     llm.eval(prompt[:16])  # warm up
     pp = min(_timed(prefill) for _ in range(args["reps"]))
-    tg = min(_timed(decode) for _ in range(args["reps"]))
+    tg = min(decode() for _ in range(args["reps"]))
     return dict(
         load_s=load_s,
         prefill_tps=args["prompt"] / pp,
@@ -346,6 +356,7 @@ def worker_transformers(args: dict) -> dict:
 
     rng = np.random.default_rng(0)
     prompt = torch.from_numpy(rng.integers(0, cfg.vocab_size, size=(1, args["prompt"])))
+    context = torch.from_numpy(rng.integers(0, cfg.vocab_size, size=(1, args.get("depth", 0))))
     steps = args["decode"]
 
     @torch.no_grad()
@@ -353,16 +364,22 @@ def worker_transformers(args: dict) -> dict:
         model(prompt, use_cache=True)
 
     @torch.no_grad()
-    def decode() -> None:
-        past, token = None, torch.tensor([[1]])
-        for _ in range(steps):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    def decode() -> float:
+        past = model(context, use_cache=True).past_key_values if context.numel() else None
+        token = torch.tensor([[1]])
+
+        def steps_from_context() -> None:
+            nonlocal past, token
+            for _ in range(steps):
+                out = model(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+        return scaled(steps_from_context)
 
     prefill()  # warm up with the measured shapes: torch.compile specializes on them
     decode()
     pp = min(scaled(prefill) for _ in range(args["reps"]))
-    tg = scaled(decode)
+    tg = decode()
     return dict(
         prefill_tps=args["prompt"] / pp,
         decode_tps=steps / tg,
@@ -424,9 +441,10 @@ def read_bandwidth(threads: int, size: int = 1 << 30, reps: int = 5) -> float:
     return size / best
 
 
-def decode_bytes_per_token(cfg: ModelConfig, head: str, layout: str = "2bit") -> dict[str, int]:
-    """Bytes a decode step must read: packed ternary layers (ours, in `layout`), and the output
-    layer."""
+def decode_bytes_per_token(cfg: ModelConfig, head: str, layout: str = "2bit",
+                           keys: float = 0.0) -> dict[str, int]:  # fmt: skip
+    """Bytes a decode step must read: packed ternary layers (ours, in `layout`), the output
+    layer, and the float16 keys and values of `keys` positions (on average over the steps)."""
     from .formats.native import LAYOUTS, projection_shapes
 
     packed_shape = LAYOUTS[layout][0]
@@ -438,7 +456,8 @@ def decode_bytes_per_token(cfg: ModelConfig, head: str, layout: str = "2bit") ->
         "q4": V * (k128 // 2 + k128 // 16),  # nibbles + an f16 scale per 32
         "float32": V * H * 4,
     }.get(head, V * H * 2)
-    return {"ternary": int(ternary) * cfg.num_layers, "head": int(head_bytes)}
+    kv = 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * keys  # K and V, f16
+    return {"ternary": int(ternary) * cfg.num_layers, "head": int(head_bytes), "kv": int(kv)}
 
 
 # --- the whole benchmark ---------------------------------------------------------------------
@@ -530,6 +549,7 @@ def run(
     prompt: int = 512,
     decode: int = 128,
     reps: int = 2,
+    depth: int = 0,
     peers: bool = True,
     hf_layers: int = 2,
     log: Callable[[str], None] = print,
@@ -537,7 +557,8 @@ def run(
 ) -> dict:
     """Build the models, run every engine, return all results (see `markdown`)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    common = dict(threads=threads, prompt=prompt, decode=decode, reps=reps)
+    common = dict(threads=threads, prompt=prompt, decode=decode, reps=reps, depth=depth)
+    keys = depth + (decode + 1) / 2  # positions a decode step attends to, on average
     log(f"measuring read bandwidth on {threads} thread(s)")
     bandwidth = read_bandwidth(threads, probe_bytes)
     results: dict = {
@@ -546,6 +567,7 @@ def run(
         "threads": threads,
         "prompt": prompt,
         "decode": decode,
+        "depth": depth,
         "reps": reps,
         "read_bandwidth_gbs": bandwidth / 1e9,
         "load_average_before": os.getloadavg(),
@@ -563,7 +585,8 @@ def run(
         for head, label, bytes_kind in HEADS:
             args = dict(common, path=str(ours), lm_head=head, kv_dtype="float16")
             _measure(runs, shape, "bitnet158", f"2-bit ours + {label} head", "bitnet158", args,
-                     log, bandwidth, decode_bytes_per_token(cfg, bytes_kind), probe_bytes)  # fmt: skip
+                     log, bandwidth, decode_bytes_per_token(cfg, bytes_kind, keys=keys),
+                     probe_bytes)  # fmt: skip
         # The 1.6-bit layout (`convert --to bitnet158-tq1`) of the same model, to compare.
         ours_tq1 = workdir / f"{shape}-tq1.safetensors"
         if not ours_tq1.exists():
@@ -573,7 +596,7 @@ def run(
         for head, label, bytes_kind in HEADS[::2]:  # F16 and 4-bit
             args = dict(common, path=str(ours_tq1), lm_head=head, kv_dtype="float16")
             _measure(runs, shape, "bitnet158", f"1.6-bit ours + {label} head", "bitnet158",
-                     args, log, bandwidth, decode_bytes_per_token(cfg, bytes_kind, "tq1"),
+                     args, log, bandwidth, decode_bytes_per_token(cfg, bytes_kind, "tq1", keys),
                      probe_bytes)  # fmt: skip
         if not peers:
             continue
@@ -606,10 +629,11 @@ PAIRS = (
 
 
 def paired(shape: str, workdir: Path, threads: int, rounds: int, prompt: int = 512,
-           decode: int = 128, log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+           decode: int = 128, log: Callable[[str], None] = print,
+           depth: int = 0) -> list[dict]:  # fmt: skip
     """Rounds of bitnet158 then llama.cpp back to back (one repetition each), so that both
     see the same state of a shared machine; the models are those `run` wrote."""
-    common = dict(threads=threads, prompt=prompt, decode=decode, reps=1)
+    common = dict(threads=threads, prompt=prompt, decode=decode, reps=1, depth=depth)
     ours = workdir / f"{shape}.safetensors"
     if not ours.exists():
         write_random_model(shape_config(shape), ours)
@@ -684,9 +708,11 @@ def _best(runs: list[dict], prefix: str, key: str) -> float | None:
 def markdown(results: dict) -> str:
     """The results as a markdown table, ratios against llama.cpp TQ2_0 measured in the run."""
     bw = results["read_bandwidth_gbs"]
+    depth = results.get("depth", 0)
+    start = f"after {depth} context tokens" if depth else "from an empty context"
     lines = [
         f"Threads: {results['threads']}; prefill pp{results['prompt']}, decode tg{results['decode']} "
-        f"(from an empty context, as llama-bench), best of {results.get('reps', 1)}; read "
+        f"({start}, as llama-bench), best of {results.get('reps', 1)}; read "
         f"bandwidth {bw:.1f} GB/s at the start (and again before each bitnet158 run, for its "
         "roofline); machine load average "
         f"{results.get('load_average_before', [0])[0]:.1f} before, "
@@ -751,6 +777,12 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--prompt", type=int, default=512, help="prefill tokens (pp)")
     p.add_argument("--decode", type=int, default=128, help="decode tokens (tg)")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=0,
+        help="decode after this many context tokens (llama-bench -d; default: an empty context)",
+    )
     p.add_argument("--reps", type=int, default=2, help="repetitions (the fastest counts)")
     p.add_argument("--no-peers", action="store_true", help="only bitnet158")
     p.add_argument("--workdir", type=Path, default=None, help="where models are written (kept)")
@@ -773,18 +805,26 @@ def run_from_args(args) -> int:
     if unknown:
         print(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}", file=sys.stderr)
         return 2
+    for shape in shapes:
+        longest = shape_config(shape).max_position_embeddings
+        if not 0 <= args.depth <= longest - max(args.decode, 1) or args.prompt > longest:
+            print(f"--depth {args.depth} + --decode {args.decode} and --prompt {args.prompt} "
+                  f"must fit the {shape} shape's {longest} positions (depth >= 0)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     if getattr(args, "paired", 0):
         missing = _llama_cpp_available()
         if missing:
             print(missing, file=sys.stderr)
             return 2
-        rows = paired(shapes[0], workdir, threads, args.paired, args.prompt, args.decode, log)
+        rows = paired(shapes[0], workdir, threads, args.paired, args.prompt, args.decode, log,
+                      args.depth)  # fmt: skip
         print(paired_markdown(rows))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
         return 0
-    results = run(shapes, workdir, threads, args.prompt, args.decode, args.reps,
+    results = run(shapes, workdir, threads, args.prompt, args.decode, args.reps, args.depth,
                   peers=not args.no_peers, log=log)  # fmt: skip
     table = markdown(results)
     results["markdown"] = table
