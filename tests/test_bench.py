@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bitnet158 import bench
+from bitnet158.config import ModelConfig
 from bitnet158.formats.native import load_native, unpack_tensors
 
 TINY = dict(
@@ -86,6 +87,31 @@ def test_decode_at_a_depth_reads_its_context_first(tmp_path, tiny_shape, monkeyp
     assert seen[3:] == [(20, 0), (1, 20), (1, 21), (1, 22)] * 2
     sizes = bench.decode_bytes_per_token(cfg, "float16", keys=21.5)
     assert sizes["kv"] == 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 21.5
+
+
+def test_llama_cpp_decodes_greedily_after_its_context(tmp_path, monkeypatch):
+    """The llama.cpp worker evaluates the `depth` context, then feeds each step the argmax of
+    the last logits (llama-cpp-python keeps `scores` only with logits_all)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    cfg = ModelConfig(**dict(TINY, hidden_size=256, intermediate_size=512))
+    ours = bench.write_random_model(cfg, tmp_path / "m.safetensors")
+    path = bench.write_gguf_copy(ours, tmp_path / "m.gguf", "tq2_0")
+    fed = []  # (tokens, argmax of the last logits after them)
+    evaluate = llama_cpp.Llama.eval
+
+    def spy(self, tokens):
+        evaluate(self, tokens)
+        logits = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        fed.append((list(tokens), int(np.argmax(np.ctypeslib.as_array(logits, (300,))))))
+
+    monkeypatch.setattr(llama_cpp.Llama, "eval", spy)
+    args = dict(threads=1, prompt=8, decode=4, reps=1, depth=20, path=str(path),
+                flash_attn=False)  # fmt: skip
+    assert bench.worker_llama_cpp(args)["decode_tps"] > 0
+    steps = fed[-4:]
+    assert len(fed[-5][0]) == 20  # the context, then one token per step
+    assert [len(t) for t, _ in steps] == [1, 1, 1, 1] and steps[0][0] == [1]
+    assert [t[0] for t, _ in steps[1:]] == [best for _, best in steps[:-1]]
 
 
 def test_depth_must_fit_the_shape(tiny_shape, capsys):

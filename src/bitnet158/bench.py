@@ -283,6 +283,13 @@ def worker_llama_cpp(args: dict) -> dict:
         llm.reset()
         llm.eval(prompt)
 
+    def last_logits() -> np.ndarray:
+        # `llm.scores` is written only with logits_all (and holds n_batch rows): read the
+        # context's logits of the last token, as greedy decoding does
+        return np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)
+        )
+
     def decode() -> float:
         llm.reset()
         if context:
@@ -290,7 +297,7 @@ def worker_llama_cpp(args: dict) -> dict:
         token, t0 = 1, time.perf_counter()
         for _ in range(args["decode"]):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
         return time.perf_counter() - t0
 
     llm.eval(prompt[:16])  # warm up
