@@ -132,6 +132,9 @@ def test_paired_table():
     assert "| F16 head vs TQ2_0 + F16 | 1 | 1.0 | 200 / 50 | 4.00× | 40.0 / 20.0 | 2.00× |" in table
     assert "not run: no llama_cpp" in table
     assert "Warning" not in table  # no ISA recorded, nothing to compare
+    assert "context tokens" not in table
+    deep = bench.paired_markdown([dict(rows[0], depth=1500)])
+    assert deep.startswith("Decode after 1500 context tokens (llama-bench -d 1500).")
 
 
 @pytest.mark.parametrize(

@@ -655,9 +655,8 @@ def paired(shape: str, workdir: Path, threads: int, rounds: int, prompt: int = 5
                 "bitnet158", dict(common, path=str(ours), lm_head=head, kv_dtype="float16")
             )
             b = run_worker("llama.cpp", dict(common, path=str(files[key]), flash_attn=True))
-            row = dict(
-                pair=label, round=i + 1, load_average=os.getloadavg()[0], ours=a, llama_cpp=b
-            )
+            row = dict(pair=label, round=i + 1, depth=depth, load_average=os.getloadavg()[0],
+                       ours=a, llama_cpp=b)  # fmt: skip
             if "prefill_tps" in a and "prefill_tps" in b:
                 row["prefill_ratio"] = a["prefill_tps"] / b["prefill_tps"]
                 row["decode_ratio"] = a["decode_tps"] / b["decode_tps"]
@@ -682,7 +681,9 @@ def peer_isa_warning(entries: list[dict]) -> str | None:
 
 def paired_markdown(rows: list[dict]) -> str:
     """Paired rounds as a markdown table."""
-    lines = [
+    depth = max((r.get("depth", 0) for r in rows), default=0)
+    lines = [f"Decode after {depth} context tokens (llama-bench -d {depth}).", ""] if depth else []
+    lines += [
         "| pair | round | load avg | prefill tok/s ours / llama.cpp | ratio | decode tok/s ours / llama.cpp | ratio |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
