@@ -185,14 +185,19 @@ BITNET158_AVX2 static inline __m256 load8(const void* p, Dtype t, int64_t i) {
 
 // Scores of G heads (rows of q, length d) against one tile of keys (see kKeyTile), those of its
 // first cnt keys: s[g * ld + c] = (q_g . key_c) * scale, each an FMA chain over the dimensions
-// in order, 8 keys per vector. One tile's vectors feed all G heads.
+// in order, 8 keys per vector. One tile's vectors feed all G heads. `next` (or null): the next
+// tile, fetched into L1 a dimension at a time (a one-token step's keys come from DRAM).
 template <int G>
 BITNET158_AVX2 static void score_tile(const float* q, int64_t d, const void* tile, Dtype kv,
-                                      float scale, float* s, int64_t ld, int64_t cnt) {
+                                      float scale, float* s, int64_t ld, int64_t cnt,
+                                      const char* next) {
     __m256 acc[G][2];
     for (int g = 0; g < G; ++g)
         acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+    const int64_t es = dtype_size(kv);
     for (int64_t i = 0; i < d; ++i) {
+        if (next)
+            _mm_prefetch(next + i * kKeyTile * es, _MM_HINT_T0);
         const __m256 k0 = load8(tile, kv, i * kKeyTile), k1 = load8(tile, kv, i * kKeyTile + 8);
         for (int g = 0; g < G; ++g) {
             const __m256 qg = _mm256_broadcast_ss(q + g * d + i);
@@ -209,17 +214,27 @@ BITNET158_AVX2 static void score_tile(const float* q, int64_t d, const void* til
     }
 }
 
+// Value rows a first pass fetches ahead of the one it weighs: a one-token step's values come
+// from DRAM, and each row takes only a few cycles.
+constexpr int64_t kValuesAhead = 64;
+
 // out[g][i0, i0 + 8W) = sum_j p[g * n + j] v[j][i0, i0 + 8W) for G heads, values [n, d] f16 or
 // f32, each output one FMA chain over j in order. The counts are template arguments so that the
-// G x W accumulators stay in registers (GCC kept runtime-sized ones on the stack).
+// G x W accumulators stay in registers (GCC kept runtime-sized ones on the stack). `fetch`: the
+// rows kValuesAhead ahead are fetched into L1 (the first pass over the values).
 template <int G, int W, bool F16>
 BITNET158_AVX2 static void weigh_values_pass(const float* p, int64_t n, const void* values,
-                                             int64_t d, int64_t i0, float* out) {
+                                             int64_t d, int64_t i0, float* out, bool fetch) {
     __m256 acc[G][W];
     for (int g = 0; g < G; ++g)
         for (int c = 0; c < W; ++c)
             acc[g][c] = _mm256_setzero_ps();
+    const int64_t row_bytes = d * (F16 ? 2 : 4);
     for (int64_t j = 0; j < n; ++j) {
+        if (fetch && j + kValuesAhead < n)
+            for (int64_t at = 0; at < row_bytes; at += 64)
+                _mm_prefetch(static_cast<const char*>(values) + (j + kValuesAhead) * row_bytes +
+                                 at, _MM_HINT_T0);
         __m256 v[W];
         for (int c = 0; c < W; ++c)
             v[c] = load8(values, F16 ? Dtype::f16 : Dtype::f32, j * d + i0 + 8 * c);
@@ -234,22 +249,24 @@ BITNET158_AVX2 static void weigh_values_pass(const float* p, int64_t n, const vo
             _mm256_storeu_ps(out + g * d + i0 + 8 * c, acc[g][c]);
 }
 
-// All of d (a multiple of 8): passes of 32 values, then one of the 8, 16 or 24 left.
+// All of d (a multiple of 8): passes of 32 values, then one of the 8, 16 or 24 left (`fetch`:
+// the first pass fetches the rows ahead).
 template <int G, bool F16>
 BITNET158_AVX2 static void weigh_values(const float* p, int64_t n, const void* values, int64_t d,
-                                        float* out) {
+                                        float* out, bool fetch) {
     int64_t i0 = 0;
     for (; i0 + 32 <= d; i0 += 32)
-        weigh_values_pass<G, 4, F16>(p, n, values, d, i0, out);
+        weigh_values_pass<G, 4, F16>(p, n, values, d, i0, out, fetch && i0 == 0);
+    const bool first = fetch && i0 == 0;
     switch ((d - i0) / 8) {
-        case 3: weigh_values_pass<G, 3, F16>(p, n, values, d, i0, out); break;
-        case 2: weigh_values_pass<G, 2, F16>(p, n, values, d, i0, out); break;
-        case 1: weigh_values_pass<G, 1, F16>(p, n, values, d, i0, out); break;
+        case 3: weigh_values_pass<G, 3, F16>(p, n, values, d, i0, out, first); break;
+        case 2: weigh_values_pass<G, 2, F16>(p, n, values, d, i0, out, first); break;
+        case 1: weigh_values_pass<G, 1, F16>(p, n, values, d, i0, out, first); break;
         default: break;
     }
 }
 
-using WeighValuesFn = void (*)(const float*, int64_t, const void*, int64_t, float*);
+using WeighValuesFn = void (*)(const float*, int64_t, const void*, int64_t, float*, bool);
 static constexpr WeighValuesFn kWeighValues[2][2] = {  // [values are f16][G - 1]
     {weigh_values<1, false>, weigh_values<2, false>},
     {weigh_values<1, true>, weigh_values<2, true>},
@@ -269,11 +286,15 @@ BITNET158_AVX2 static void attend_position(const float* q, int64_t group, const 
             const void* tile = static_cast<const char*>(keys) + j0 * d * es;
             const int64_t cnt = std::min(kKeyTile, n - j0);
             float* sj = scores + g0 * n + j0;
+            // the first heads' pass fetches the next tile (when it holds keys)
+            const char* next = g0 == 0 && j0 + kKeyTile < n
+                                   ? static_cast<const char*>(tile) + kKeyTile * d * es
+                                   : nullptr;
             switch (G) {
-                case 1: score_tile<1>(q + g0 * d, d, tile, kv, scale, sj, n, cnt); break;
-                case 2: score_tile<2>(q + g0 * d, d, tile, kv, scale, sj, n, cnt); break;
-                case 3: score_tile<3>(q + g0 * d, d, tile, kv, scale, sj, n, cnt); break;
-                default: score_tile<4>(q + g0 * d, d, tile, kv, scale, sj, n, cnt); break;
+                case 1: score_tile<1>(q + g0 * d, d, tile, kv, scale, sj, n, cnt, next); break;
+                case 2: score_tile<2>(q + g0 * d, d, tile, kv, scale, sj, n, cnt, next); break;
+                case 3: score_tile<3>(q + g0 * d, d, tile, kv, scale, sj, n, cnt, next); break;
+                default: score_tile<4>(q + g0 * d, d, tile, kv, scale, sj, n, cnt, next); break;
             }
         }
     }
@@ -305,7 +326,8 @@ BITNET158_AVX2 static void attend_position(const float* q, int64_t group, const 
     // out[g] = sum_j p[g, j] v[j], up to 2 heads at a time
     for (int64_t g0 = 0; g0 < group; g0 += 2) {
         const int64_t G = group - g0 < 2 ? group - g0 : 2;
-        kWeighValues[kv == Dtype::f16][G - 1](scores + g0 * n, n, values, d, out + g0 * d);
+        kWeighValues[kv == Dtype::f16][G - 1](scores + g0 * n, n, values, d, out + g0 * d,
+                                              g0 == 0);
     }
 }
 
