@@ -114,6 +114,25 @@ def test_llama_cpp_decodes_greedily_after_its_context(tmp_path, monkeypatch):
     assert [t[0] for t, _ in steps[1:]] == [best for _, best in steps[:-1]]
 
 
+def test_transformers_decodes_after_its_context(tiny_shape, monkeypatch):
+    """The transformers worker runs the `depth` context first (untimed), then decodes one token
+    per step on top of its past_key_values."""
+    transformers = pytest.importorskip("transformers")
+    seen = []  # (tokens in the call, positions already in the cache)
+    forward = transformers.BitNetForCausalLM.forward
+
+    def spy(self, input_ids=None, past_key_values=None, **kwargs):
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        seen.append((input_ids.shape[1], past))
+        return forward(self, input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+
+    monkeypatch.setattr(transformers.BitNetForCausalLM, "forward", spy)
+    cfg = bench.shape_config(tiny_shape)
+    args = dict(threads=1, prompt=8, decode=3, reps=1, depth=20, config=cfg.to_dict(), layers=1)
+    assert bench.worker_transformers(args)["decode_tps"] > 0
+    assert seen[-4:] == [(20, 0), (1, 20), (1, 21), (1, 22)]
+
+
 def test_depth_must_fit_the_shape(tiny_shape, capsys):
     assert bench.main(["--shapes", tiny_shape, "--depth", "62", "--decode", "4"]) == 2
     assert "must fit the tiny shape's 64 positions" in capsys.readouterr().err
