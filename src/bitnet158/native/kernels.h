@@ -25,6 +25,12 @@ inline void prefetch_ahead(const uint8_t* w) {
         __builtin_prefetch(w + kGemvPrefetchBytes + 64 * r, 0, 2);
 }
 
+// The 64-byte lines of `bytes` bytes at p, into L1 (prefetcht0 on x86).
+inline void prefetch_lines(const void* p, int64_t bytes) {
+    for (int64_t at = 0; at < bytes; at += 64)
+        __builtin_prefetch(static_cast<const char*>(p) + at, 0, 3);
+}
+
 // Buffers that a thread keeps for its next calls (the pool's threads and the caller each have
 // their own), one per use: a fresh allocation per call would be mapped and faulted in anew
 // (glibc maps blocks of 128 KB and more), and the large ones are in huge pages.

@@ -109,11 +109,8 @@ BITNET158_AMX void unpack_block(const uint8_t* packed, int64_t kpad, int64_t g, 
 // (~250 cycles) to wait for them.
 BITNET158_AMX void prefetch_block(const uint8_t* packed, int64_t kpad, int64_t g, int64_t g_end,
                                   int64_t b, bool tq1) {
-    for (int64_t gi = g; gi < std::min(g + kAmxPassGroups, g_end); ++gi) {
-        const uint8_t* block = packed_block(packed, kpad, gi, b, tq1);
-        for (int64_t at = 0; at < kPackedBlockBytes; at += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(block + at), _MM_HINT_T0);
-    }
+    for (int64_t gi = g; gi < std::min(g + kAmxPassGroups, g_end); ++gi)
+        prefetch_lines(packed_block(packed, kpad, gi, b, tq1), kPackedBlockBytes);
 }
 
 // C tiles 0 .. NTT-1 (zero when `first`, else loaded from c) += A (16 rows of kn codes at a,

@@ -232,9 +232,8 @@ BITNET158_AVX2 static void weigh_values_pass(const float* p, int64_t n, const vo
     const int64_t row_bytes = d * (F16 ? 2 : 4);
     for (int64_t j = 0; j < n; ++j) {
         if (fetch && j + kValuesAhead < n)
-            for (int64_t at = 0; at < row_bytes; at += 64)
-                _mm_prefetch(static_cast<const char*>(values) + (j + kValuesAhead) * row_bytes +
-                                 at, _MM_HINT_T0);
+            prefetch_lines(static_cast<const char*>(values) + (j + kValuesAhead) * row_bytes,
+                           row_bytes);
         __m256 v[W];
         for (int c = 0; c < W; ++c)
             v[c] = load8(values, F16 ? Dtype::f16 : Dtype::f32, j * d + i0 + 8 * c);

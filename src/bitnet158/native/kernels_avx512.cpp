@@ -329,12 +329,6 @@ BITNET158_AVX512 static inline __m512 load16_tail(const void* p, Dtype t, int64_
     return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
 }
 
-// The lines of `bytes` bytes at p, into L1.
-BITNET158_AVX512 static inline void prefetch_row(const char* p, int64_t bytes) {
-    for (int64_t at = 0; at < bytes; at += 64)
-        _mm_prefetch(p + at, _MM_HINT_T0);
-}
-
 // 16 values at element `at` of f16 or f32 values, lanes outside m zero: load16_tail with the
 // dtype a template argument, so that weigh_rows' inner loop has no dtype branch.
 template <bool F16>
@@ -376,7 +370,7 @@ BITNET158_AVX512 static void weigh_rows(const float* const* p, const int64_t* cn
                                 : _mm512_setzero_ps();
         for (int64_t j = 0; j < common; ++j) {
             if (ahead && i0 == 0)
-                prefetch_row(ahead + j * row_bytes, row_bytes);
+                prefetch_lines(ahead + j * row_bytes, row_bytes);
             const __m512 v0 = value16<F16>(values, j * d + i0, mk[0]),
                          v1 = value16<F16>(values, j * d + i0 + 16, mk[1]);
             for (int r = 0; r < R; ++r) {
