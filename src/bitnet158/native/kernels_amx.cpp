@@ -13,11 +13,15 @@
 // A pass holds 4 token tiles in C (tiles 0-3) and reuses each A tile for all four: on one
 // Sapphire Rapids core, 128 tokens x 2560 x 27648 ran at ~810 G multiply-adds/s (the AVX-512
 // tiles ~180), against ~680 for 2 x 2 blocking (2 A x 2 B tiles). A call takes up to 4 passes
-// a block of k values at a time (their C tiles kept in L1 between blocks, the block's B tiles
-// shared), and unpacks the next block of codes while this one's tiles multiply: unpacking all
-// of a pass's rows first and then multiplying left the tiles idle ~30 % of the time (a 512-token
-// prefill +6 % with this order and its prefetch, 64 tokens per call). A call of more than 64
-// tokens keeps its passes' unpacked codes for the later groups of 4 token tiles.
+// and unpacks the next block of codes while this one's tiles multiply: unpacking all of a pass's
+// rows first and then multiplying left the tiles idle ~30 % of the time. Its first group of 4
+// token tiles goes pass by pass, the C tiles kept over all k; a call of more than 64 tokens
+// keeps its passes' unpacked codes, and its later groups go a block of k values at a time for
+// all passes (the C tiles stored to L1 between blocks, the block's B tiles shared while in L1).
+// Storing the C tiles is what slows the tiles most (one core: 64 % of TDPBUSD's peak without
+// the round trips, 50 % with the stores alone), but without the shared B tiles the later groups
+// read 4 times the activations from L2 (all pass by pass: gate/up +12 %). Against all block by
+// block, a 512-token prefill's q/k/v took 5 % less time, o 4 %, down 8 % (pp512 +3 %).
 #include "kernels.h"
 #include "kernels_tq1.h"
 
@@ -113,22 +117,15 @@ BITNET158_AMX void prefetch_block(const uint8_t* packed, int64_t kpad, int64_t g
         prefetch_lines(packed_block(packed, kpad, gi, b, tq1), kPackedBlockBytes);
 }
 
-// C tiles 0 .. NTT-1 (zero when `first`, else loaded from c) += A (16 rows of kn codes at a,
-// row stride kn) x B (token tiles at b, b + ldb, ...; each k step's tile 1 KB after the last)
-// over kn k values, then stored to c.
+// C tiles 0 .. NTT-1 (zeroed when `first`) += A (16 rows of kn codes at a, row stride kn) x B
+// (token tiles at b, b + ldb, ...; each k step's tile 1 KB after the last) over kn k values.
+// `resident`: the sums stay in the tiles until the `last` block of the pass stores them to c;
+// otherwise they are loaded from c (unless `first`) and stored back.
 template <int NTT>
 BITNET158_AMX void tile_block(const uint8_t* a, const int8_t* b, int64_t ldb, int64_t kn,
-                              bool first, int32_t* c) {
+                              bool first, bool last, bool resident, int32_t* c) {
     constexpr int64_t kC = kTile * kTile;  // int32 per C tile
-    if (first) {
-        _tile_zero(0);
-        if (NTT > 1)
-            _tile_zero(1);
-        if (NTT > 2)
-            _tile_zero(2);
-        if (NTT > 3)
-            _tile_zero(3);
-    } else {
+    if (!first && !resident) {
         _tile_loadd(0, c, 64);
         if (NTT > 1)
             _tile_loadd(1, c + kC, 64);
@@ -136,6 +133,14 @@ BITNET158_AMX void tile_block(const uint8_t* a, const int8_t* b, int64_t ldb, in
             _tile_loadd(2, c + 2 * kC, 64);
         if (NTT > 3)
             _tile_loadd(3, c + 3 * kC, 64);
+    } else if (first) {
+        _tile_zero(0);
+        if (NTT > 1)
+            _tile_zero(1);
+        if (NTT > 2)
+            _tile_zero(2);
+        if (NTT > 3)
+            _tile_zero(3);
     }
     for (int64_t k = 0; k < kn; k += kChunk) {
         _tile_loadd(4, a + k, kn);
@@ -155,6 +160,8 @@ BITNET158_AMX void tile_block(const uint8_t* a, const int8_t* b, int64_t ldb, in
             _tile_dpbusd(3, 4, 5);
         }
     }
+    if (resident && !last)
+        return;
     _tile_stored(0, c, 64);
     if (NTT > 1)
         _tile_stored(1, c + kC, 64);
@@ -309,7 +316,8 @@ BITNET158_AMX void gemm_amx(const int8_t* b, const int32_t* x_sum, int64_t T, in
     uint8_t* strip = keep ? thread_scratch<uint8_t>(kAmxCallPasses * blocks * item_bytes,
                                                     Scratch::amx_codes)
                           : nullptr;
-    const auto codes = [&](int64_t it) {
+    const auto codes = [&](int64_t p, int64_t kb) {  // pass p's block kb
+        const int64_t it = p * blocks + kb;  // its place in the unpacking order
         return keep ? strip + it * item_bytes : ring[it % 2];
     };
     alignas(64) int32_t c[kAmxCallPasses][kTokenTilesPerPass * kC];
@@ -325,37 +333,43 @@ BITNET158_AMX void gemm_amx(const int8_t* b, const int32_t* x_sum, int64_t T, in
         for (int64_t tt = 0; tt < tiles; tt += kTokenTilesPerPass) {
             const int8_t* bt = b + tt * kpad * kTile;
             const int64_t ntt = std::min<int64_t>(kTokenTilesPerPass, tiles - tt);
-            // (block, pass) in turn, each block's B tiles shared by the passes while in L1; the
-            // next block of codes is unpacked before this one's products are issued, so the
-            // vector unit unpacks while the tiles multiply (one after the other, the unpacking
-            // took ~30 % of the GEMM)
+            // The group that unpacks takes (pass, block) in turn, its sums kept in the tiles
+            // over the whole pass; it unpacks the next block of codes before this one's
+            // products are issued, so the vector unit unpacks while the tiles multiply (one
+            // after the other, the unpacking took ~30 % of the GEMM). The later groups take
+            // (block, pass) in turn, each block's B tiles shared by the passes while in L1,
+            // their sums stored and loaded between blocks.
             const bool unpack = tt == 0;
             const int64_t ntok = std::min(ntt * kTile, T - tt * kTile), lines = row_passes * ntok;
+            // item i's pass and block
+            const auto pass_of = [&](int64_t i) { return unpack ? i / blocks : i % passes; };
+            const auto block_of = [&](int64_t i) { return unpack ? i % blocks : i / passes; };
             if (unpack)
-                unpack_block(matrix(0), kpad, gp, g1, 0, codes(0), tq1);
+                unpack_block(matrix(0), kpad, gp, g1, 0, codes(0, 0), tq1);
             for (int64_t it = 0; it < items; ++it) {
-                const int64_t kb = it / passes, p = it % passes;
+                const int64_t kb = block_of(it), p = pass_of(it);
                 // the lines store_pass will write, a share per item (the passes' lines in turn)
                 for (int64_t l = it * lines / items; l < (it + 1) * lines / items; ++l)
                     prefetch_out_line(out, tt * kTile + l % ntok,
                                       (gp + l / ntok * kAmxPassGroups) * kRows);
                 if (unpack && it + 1 < items) {
-                    const int64_t q = (it + 1) % passes;
-                    unpack_block(matrix(q), kpad, group(q), g1, (it + 1) / passes, codes(it + 1),
-                                 tq1);
+                    const int64_t q = pass_of(it + 1), qb = block_of(it + 1);
+                    unpack_block(matrix(q), kpad, group(q), g1, qb, codes(q, qb), tq1);
                 }
                 if (unpack && it + kAmxPrefetchItems < items) {
-                    const int64_t q = (it + kAmxPrefetchItems) % passes;
-                    prefetch_block(matrix(q), kpad, group(q), g1, (it + kAmxPrefetchItems) / passes,
-                                   tq1);
+                    const int64_t q = pass_of(it + kAmxPrefetchItems);
+                    prefetch_block(matrix(q), kpad, group(q), g1,
+                                   block_of(it + kAmxPrefetchItems), tq1);
                 }
                 const int8_t* bk = bt + kb * kblk * kTile;
-                const uint8_t* ak = codes(it);
+                const uint8_t* ak = codes(p, kb);
+                const int64_t ldb = kpad * kTile;
+                const bool first = kb == 0, last = kb + 1 == blocks;
                 switch (ntt) {
-                    case 1: tile_block<1>(ak, bk, kpad * kTile, kblk, kb == 0, c[p]); break;
-                    case 2: tile_block<2>(ak, bk, kpad * kTile, kblk, kb == 0, c[p]); break;
-                    case 3: tile_block<3>(ak, bk, kpad * kTile, kblk, kb == 0, c[p]); break;
-                    default: tile_block<4>(ak, bk, kpad * kTile, kblk, kb == 0, c[p]); break;
+                    case 1: tile_block<1>(ak, bk, ldb, kblk, first, last, unpack, c[p]); break;
+                    case 2: tile_block<2>(ak, bk, ldb, kblk, first, last, unpack, c[p]); break;
+                    case 3: tile_block<3>(ak, bk, ldb, kblk, first, last, unpack, c[p]); break;
+                    default: tile_block<4>(ak, bk, ldb, kblk, first, last, unpack, c[p]); break;
                 }
             }
             for (int64_t p = 0; p < row_passes; ++p) {
