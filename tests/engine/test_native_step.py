@@ -364,10 +364,12 @@ def test_grouped_query_attention_on_every_isa(tmp_path, heads, kv_heads):
 )
 def test_prefill_attention_equals_one_token_steps_on_every_isa(tmp_path, heads, kv_heads,
                                                                head_dim):  # fmt: skip
-    """A prefill attends in runs of up to 16 positions over blocks of 64 keys; each position's
-    logits must be those of one-token steps, bit for bit, on every ISA and both cache dtypes:
-    150 tokens (a last run of 6, keys past 2 blocks, every key count mod 16), in one call and
-    in two calls (the second run starting mid-block); and torch's logits within tolerance."""
+    """A prefill attends in runs of up to 16 positions over blocks of 64 keys (AMX: runs of 128
+    on bf16 tiles); each position's logits must be those of one-token steps, bit for bit, on
+    every ISA and both cache dtypes (AMX with a float16 cache: within the tolerance below, its
+    tiles' ~2^-16 being checked in tests/native/test_kernels.py): 150 tokens (a last run of 6,
+    keys past 2 blocks, every key count mod 16), in one call and in two calls (the second run
+    starting mid-block); and torch's logits within tolerance."""
     cfg = make_config("relu2-subln-gqa-tied", hidden_size=heads * head_dim, num_heads=heads,
                       num_kv_heads=kv_heads, max_position_embeddings=160)  # fmt: skip
     tensors = random_tensors(cfg, seed=13)
@@ -392,8 +394,13 @@ def test_prefill_attention_equals_one_token_steps_on_every_isa(tmp_path, heads, 
         assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.95, isa
         for kv in ("float32", "float16"):
             steps = run(isa, kv, list(range(len(ids) + 1)))
-            np.testing.assert_array_equal(run(isa, kv, [0, 150]), steps, err_msg=f"{isa} {kv}")
-            np.testing.assert_array_equal(run(isa, kv, [0, 71, 150]), steps, err_msg=f"{isa} {kv}")
+            for splits in ([0, 150], [0, 71, 150]):
+                got = run(isa, kv, splits)
+                if isa == "amx" and kv == "float16":
+                    assert np.abs(got - steps).max() <= 1e-2 * np.abs(steps).max()
+                    assert np.mean(got.argmax(-1) == steps.argmax(-1)) >= 0.95
+                else:
+                    np.testing.assert_array_equal(got, steps, err_msg=f"{isa} {kv} {splits}")
 
 
 @pytest.mark.parametrize("variant", ["relu2-subln-gqa-tied", "silu-subln-mha"])

@@ -35,7 +35,7 @@ def test_isa_reporting():
     assert ISAS[0] == "scalar" and set(ISAS) <= {"scalar", "avx2", "avx512", "amx"}
     assert _native.isa() == os.environ.get("BITNET158_ISA", ISAS[-1])  # best unless forced
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-    if "avx512" in ISAS and {"amx_tile", "amx_int8"} <= set(flags):
+    if "avx512" in ISAS and {"amx_tile", "amx_int8", "amx_bf16"} <= set(flags):
         assert "amx" in ISAS  # Linux grants the tile state since 5.16
 
 
@@ -233,6 +233,75 @@ def test_bad_inputs_raise():
         _native.bitlinear(x, packed, 1.0, 3, 300, isa="neon")
     with pytest.raises(ValueError):
         _native.set_num_threads(0)
+
+
+def attention_reference(q, keys, values, n0, scale):
+    """Causal softmax(q k^T * scale) v in float64: position i attends to the first n0 + i keys."""
+    out = np.empty(q.shape)
+    for i in range(q.shape[0]):
+        s = q[i].astype(np.float64) @ keys[: n0 + i].astype(np.float64).T * scale
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[i] = (p / p.sum(-1, keepdims=True)) @ values[: n0 + i].astype(np.float64)
+    return out
+
+
+def attention_case(npos, group, d, n0, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((npos, group, d)).astype(np.float32)
+    keys, values = rng.standard_normal((2, n0 + npos - 1, d)).astype(dtype)
+    return q, keys, values
+
+
+# (positions, heads per KV head, head dim, n0): one-token steps, runs that fill 16-row tiles or
+# not, head dims off every vector and tile width, a run that starts mid-context
+ATTENTION_SHAPES = [(1, 4, 128, 1), (1, 4, 128, 300), (3, 4, 64, 1), (16, 4, 128, 1),
+                    (37, 1, 136, 5), (64, 3, 40, 100), (70, 8, 100, 33), (128, 4, 128, 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("npos,group,d,n0", ATTENTION_SHAPES)
+def test_attention_matches_float64_reference(npos, group, d, n0, dtype):
+    """Every ISA's attention within float32 rounding of a float64 reference; AMX's bf16 tiles
+    (f16 caches, calls of 16 rows or more) within ~2^-16: queries and softmax weights carry 16
+    significant bits there. Those calls differ from the FMA kernels' bits (the tiles ran)."""
+    q, keys, values = attention_case(npos, group, d, n0, dtype)
+    scale = 1 / np.sqrt(d)
+    want = attention_reference(q, keys, values, n0, scale)
+    tiles = dtype == np.float16 and npos * group >= 16
+    for isa in ISAS:
+        got = _native.attention(q, keys, values, n0, scale, isa=isa)
+        tol = 3e-5 if isa == "amx" and tiles else 3e-6
+        assert np.abs(got - want).max() <= tol * np.abs(want).max(), isa
+    if "amx" in ISAS and tiles:
+        fma = _native.attention(q, keys, values, n0, scale, isa="avx512")
+        assert not np.array_equal(_native.attention(q, keys, values, n0, scale, isa="amx"), fma)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("npos,group", [(40, 4), (20, 1)])
+def test_attention_keeps_a_non_finite_position_from_earlier_ones(npos, group, bad):
+    """A NaN or infinite key and value at one position reach only the positions that attend to
+    it, on every ISA (AMX's tiles multiply later positions' values by zero weights)."""
+    n0, at = 3, 20  # the value row of position 20, attended from the 18th position on
+    q, keys, values = attention_case(npos, group, 64, n0, np.float16, seed=1)
+    keys[at, 5] = values[at, 7] = bad
+    for isa in ISAS:
+        out = _native.attention(q, keys, values, n0, 0.125, isa=isa)
+        first = at - n0 + 1  # the first position whose n0 + i keys include it
+        assert np.isfinite(out[:first]).all(), isa
+        assert not np.isfinite(out[first:]).all(), isa
+
+
+def test_attention_bad_inputs_raise():
+    q, keys, values = attention_case(4, 2, 32, 3, np.float16)
+    with pytest.raises(ValueError, match="must have shape"):
+        _native.attention(q, keys[:-1], values, 3, 0.1)
+    with pytest.raises(TypeError, match="same dtype"):
+        _native.attention(q, keys, values.astype(np.float32), 3, 0.1)
+    with pytest.raises(ValueError, match="n0 >= 1"):
+        _native.attention(q, keys, values, 0, 0.1)
+    with pytest.raises(TypeError):
+        _native.attention(q.astype(np.float64), keys, values, 3, 0.1)
 
 
 def run_with_isa(value):

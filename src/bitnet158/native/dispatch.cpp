@@ -113,6 +113,8 @@ const Kernels& kernels_for(Isa isa) {
     static const Kernels amx = [] {
         Kernels k = avx512;
         k.amx = true;
+        k.attend = attend_amx;
+        k.attend_positions = 128;
         return k;
     }();
     if (isa == Isa::amx)

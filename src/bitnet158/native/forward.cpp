@@ -25,9 +25,6 @@ constexpr int64_t kMinRowWork = 16 * 1024;
 // Attention units (a run of query positions x one KV head) are batched into chunks of at least
 // this many multiply-adds.
 constexpr int64_t kMinAttendWork = 64 * 1024;
-// Query positions of one sequence per attention call (the kernels' key blocks are reused by
-// all of them).
-constexpr int64_t kAttendPositions = 16;
 // A thread's step over the output layer's rows streams at least this many bytes (~20 us): the
 // float head ran ~2 % slower at 64 KB steps.
 constexpr int64_t kMinHeadChunkBytes = 512 * 1024;
@@ -380,11 +377,10 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
                            &kb[size_t(t0 * KVS + h * D)], KVS, count, D);
         });
 
-        // Attention by runs of up to kAttendPositions positions (a prefill): their keys and
-        // values pass through L1 once per run.
+        // Attention by runs of up to kern.attend_positions positions (a prefill).
         const std::vector<int64_t> runs = position_runs(
             T, slots, positions,
-            [](int64_t t, int64_t first) { return t - first == kAttendPositions; });
+            [&](int64_t t, int64_t first) { return t - first == kern.attend_positions; });
         const int64_t nruns = int64_t(runs.size()) - 1;
         int64_t work = 0;
         for (int64_t t = 0; t < T; ++t)

@@ -35,6 +35,8 @@
 
 #define BITNET158_AMX \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8,prfchw")))
+#define BITNET158_AMX_BF16 \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c,amx-tile,amx-bf16")))
 
 namespace bitnet158 {
 
@@ -47,7 +49,8 @@ constexpr int kTokenTilesPerPass = 4;  // C tiles 0-3, the A tile 4, the B tile 
 constexpr int64_t kAmxPrefetchItems = 4;  // (block, pass) items a block's bytes are fetched ahead
 
 // Every tile is 16 rows of 64 bytes: C 16 rows x 16 int32, A 16 rows x 64 codes, B 16 rows (of 4
-// k values) x 16 tokens x 4 bytes.
+// k values) x 16 tokens x 4 bytes (attend_amx: C 16 x 16 floats, A 16 x 32 bf16, B 16 rows of
+// 2 k values x 16 columns).
 struct alignas(64) TileConfig {
     uint8_t palette = 1;
     uint8_t start_row = 0;
@@ -59,7 +62,7 @@ struct alignas(64) TileConfig {
 // Not inlined, so that the AMX tests run the form that GCC once broke (below).
 __attribute__((noinline)) BITNET158_AMX void configure_tiles() {
     TileConfig cfg;
-    for (int i = 0; i < 6; ++i) {
+    for (int i = 0; i < 8; ++i) {
         cfg.colsb[i] = 64;
         cfg.rows[i] = kTile;
     }
@@ -265,7 +268,9 @@ BITNET158_AMX inline void prefetch_out_line(const GemmOut& out, int64_t t, int64
 bool amx_usable() {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") ||
-        !__builtin_cpu_supports("avx512vbmi"))  // every AMX CPU has it (1.6-bit unpacking)
+        !__builtin_cpu_supports("amx-bf16") ||  // every AMX CPU has these three (attention,
+        !__builtin_cpu_supports("avx512bf16") ||  // its bf16 parts, 1.6-bit unpacking)
+        !__builtin_cpu_supports("avx512vbmi"))
         return false;
     // Linux hands out the tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
     // It refuses when a thread's signal stack is too small for the larger signal frame (then the
@@ -399,12 +404,237 @@ BITNET158_AMX void gemm_groups_amx_gated(const int8_t* b, const int32_t* x_sum, 
     gemm_amx(b, x_sum, T, kpad, packed, 2, n, g0, g1, out, up_beta, act, tq1);
 }
 
+
+// ---- attention of prefills on AMX-BF16 tiles (see kernels.h) ----
+
+namespace {
+
+// bf16 bits (16 of them) back to floats.
+BITNET158_AMX_BF16 inline __m512 widen_bf16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// 16 floats as bf16 hi + lo: hi = x rounded to 8 significant bits, lo = the rest rounded to 8
+// more (exact for the 11 of an f16 value).
+BITNET158_AMX_BF16 inline void split16(__m512 x, uint16_t* hi, uint16_t* lo) {
+    const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+    const __m512 rest = _mm512_sub_ps(x, widen_bf16(h));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(rest)));
+}
+
+// One row of a B tile, hi and lo parts (64 bytes each): split16 of a and b (16 floats each)
+// interleaved a0 b0 a1 b1 ...: 2 consecutive k values for each of the tile's 16 columns.
+BITNET158_AMX_BF16 inline void split_pairs(__m512 a, __m512 b, uint16_t* hi, uint16_t* lo) {
+    alignas(64) static constexpr uint16_t kPairs[32] = {0,  16, 1,  17, 2,  18, 3,  19,
+                                                        4,  20, 5,  21, 6,  22, 7,  23,
+                                                        8,  24, 9,  25, 10, 26, 11, 27,
+                                                        12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i pairs = _mm512_load_si512(kPairs);
+    const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a, then b
+    const __m512 ha = widen_bf16(_mm512_castsi512_si256(h));
+    const __m512 hb = widen_bf16(_mm512_extracti64x4_epi64(h, 1));
+    const __m512i l = reinterpret_cast<__m512i>(
+        _mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha)));
+    _mm512_store_si512(hi, _mm512_permutexvar_epi16(pairs, h));
+    _mm512_store_si512(lo, _mm512_permutexvar_epi16(pairs, l));
+}
+
+// 16 f16 values at p as floats, lanes outside m zero (not read).
+BITNET158_AMX_BF16 inline __m512 half16(const uint16_t* p, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+inline __mmask16 first_lanes(int64_t n) {
+    return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+constexpr int64_t kTileHalfs = 512;  // bf16 values per tile
+
+// Whether the f16 values of positions [j0, j0 + n) are all finite. A row tile's last chunk of
+// values reaches positions past some of its rows' counts, whose weights are 0; an infinite or
+// NaN value there would make those rows NaN (0 x inf), where the FMA kernels skip it.
+BITNET158_AMX_BF16 bool finite_values(const void* values, int64_t j0, int64_t n, int64_t d) {
+    const uint16_t* v = static_cast<const uint16_t*>(values) + j0 * d;
+    const __m512i exponent = _mm512_set1_epi16(0x7c00);  // all ones: inf or NaN
+    __mmask32 bad = 0;
+    int64_t i = 0;
+    for (; i + 32 <= n * d; i += 32) {
+        const __m512i e = _mm512_and_si512(_mm512_loadu_si512(v + i), exponent);
+        bad |= _mm512_cmpeq_epi16_mask(e, exponent);
+    }
+    for (; i < n * d; ++i)
+        bad |= (v[i] & 0x7c00) == 0x7c00;
+    return bad == 0;
+}
+
+}  // namespace
+
+BITNET158_AMX_BF16 void attend_amx(const float* q, int64_t ldq, int64_t npos, int64_t group,
+                                   const void* keys, const void* values, Dtype kv, int64_t n0,
+                                   int64_t d, float scale, float* scores, float* out,
+                                   int64_t ldo) {
+    const int64_t rows = npos * group;
+    if (kv != Dtype::f16 || rows < kTile || !finite_values(values, n0, npos - 1, d))
+        return attend_avx512(q, ldq, npos, group, keys, values, kv, n0, d, scale, scores, out,
+                             ldo);
+    // Rows (position, head) as in attend_avx512, 16 per row tile; keys and values padded with
+    // zeros to whole 32s (a P.V tile's k values), dimensions to whole 32s (a Q.K tile's).
+    const int64_t tiles = cdiv(rows, kTile), nmax = n0 + npos - 1, nk = round_up(nmax, 32);
+    const int64_t dk = round_up(d, 32), chunks = dk / 32, slices = cdiv(d, 16);
+    const auto count = [&](int64_t r) { return n0 + r / group; };  // keys of row r
+    const int64_t key_halfs = nk / kKeyTile * chunks * kTileHalfs;
+    const int64_t value_halfs = nk / 32 * slices * kTileHalfs;
+    // the split keys and values (hi, lo), then one row tile's queries, scores and weights
+    uint16_t* kh = thread_scratch<uint16_t>(
+        2 * (key_halfs + value_halfs) + 2 * kTile * dk + 2 * kTile * nk + 2 * kTile * nk,
+        Scratch::amx_attention);
+    uint16_t *kl = kh + key_halfs, *vh = kl + key_halfs, *vl = vh + value_halfs;
+    uint16_t *qh = vl + value_halfs, *ql = qh + kTile * dk;
+    uint16_t *ph = ql + kTile * dk, *pl = ph + kTile * nk;
+    float* sc = reinterpret_cast<float*>(pl + kTile * nk);  // [16][nk]
+
+    // keys: B tiles [key tile][32 dimensions], row r = dimensions 2r, 2r + 1 of its 16 keys
+    const uint16_t* kc = static_cast<const uint16_t*>(keys);
+    for (int64_t kt = 0; kt < nk / kKeyTile; ++kt) {
+        const __mmask16 live = first_lanes(nmax - kt * kKeyTile);  // keys past nmax: zeros
+        const uint16_t* tile = kc + kt * d * kKeyTile;
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t at = (kt * chunks + c) * kTileHalfs;
+            for (int64_t r = 0; r < 16; ++r) {
+                const int64_t i = c * 32 + 2 * r;  // dimension i's 16 keys
+                split_pairs(half16(tile + i * kKeyTile, i < d ? live : 0),
+                            half16(tile + (i + 1) * kKeyTile, i + 1 < d ? live : 0),
+                            kh + at + 32 * r, kl + at + 32 * r);
+            }
+        }
+    }
+    // values: B tiles [32 positions][16 dimensions], row r = positions 2r, 2r + 1
+    const uint16_t* vc = static_cast<const uint16_t*>(values);
+    for (int64_t pc = 0; pc < nk / 32; ++pc)
+        for (int64_t sl = 0; sl < slices; ++sl) {
+            const __mmask16 m = first_lanes(d - sl * 16);
+            const int64_t at = (pc * slices + sl) * kTileHalfs;
+            for (int64_t r = 0; r < 16; ++r) {
+                const int64_t j = pc * 32 + 2 * r;  // positions j, j + 1 (past nmax: zeros)
+                split_pairs(half16(vc + j * d + sl * 16, j < nmax ? m : 0),
+                            half16(vc + (j + 1) * d + sl * 16, j + 1 < nmax ? m : 0),
+                            vh + at + 32 * r, vl + at + 32 * r);
+            }
+        }
+
+    configure_tiles();
+    alignas(64) float block[kTile][64];
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t r0 = t * kTile, nr = std::min<int64_t>(kTile, rows - r0);
+        const int64_t most = count(r0 + nr - 1), wide = round_up(most, 32);
+        // queries times scale: A tiles, row r's dimensions in hi and lo parts (rows past nr:
+        // zeros)
+        const __m512 vscale = _mm512_set1_ps(scale);
+        for (int64_t r = 0; r < kTile; ++r) {
+            const float* src = q + (r0 + r) / group * ldq + (r0 + r) % group * d;
+            for (int64_t i = 0; i < dk; i += 16) {
+                const __m512 x = r < nr ? _mm512_maskz_loadu_ps(first_lanes(d - i), src + i)
+                                        : _mm512_setzero_ps();
+                split16(_mm512_mul_ps(x, vscale), qh + r * dk + i, ql + r * dk + i);
+            }
+        }
+        // scores, two key tiles at a time: C 0 and 1 += hi.hi + hi.lo + lo.hi (the lo.lo term
+        // is below f32's rounding), the two tiles' products interleaved
+        const int64_t key_tiles = cdiv(most, kKeyTile);
+        for (int64_t kt = 0; kt < key_tiles; kt += 2) {
+            const bool two = kt + 1 < key_tiles;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t c = 0; c < chunks; ++c) {
+                const int64_t at = (kt * chunks + c) * kTileHalfs;
+                _tile_loadd(2, qh + c * 32, dk * 2);
+                _tile_loadd(3, ql + c * 32, dk * 2);
+                _tile_loadd(4, kh + at, 64);
+                _tile_loadd(5, kl + at, 64);
+                if (two) {
+                    _tile_loadd(6, kh + at + chunks * kTileHalfs, 64);
+                    _tile_loadd(7, kl + at + chunks * kTileHalfs, 64);
+                }
+                _tile_dpbf16ps(0, 2, 4);
+                if (two)
+                    _tile_dpbf16ps(1, 2, 6);
+                _tile_dpbf16ps(0, 2, 5);
+                if (two)
+                    _tile_dpbf16ps(1, 2, 7);
+                _tile_dpbf16ps(0, 3, 4);
+                if (two)
+                    _tile_dpbf16ps(1, 3, 6);
+            }
+            _tile_stored(0, sc + kt * kKeyTile, nk * 4);
+            if (two)
+                _tile_stored(1, sc + (kt + 1) * kKeyTile, nk * 4);
+        }
+        // each row's e^(s - max s) in hi and lo parts, zeros past its count (rows past nr: all
+        // zeros); the outputs are divided by their sums
+        alignas(64) float inv[kTile];
+        for (int64_t r = 0; r < kTile; ++r) {
+            float* s = sc + r * nk;
+            const int64_t n = r < nr ? count(r0 + r) : 0;
+            inv[r] = n > 0 ? 1.0f / exp_row_avx512(s, n) : 0.0f;
+            for (int64_t j = 0; j < wide; j += 16)
+                split16(_mm512_maskz_loadu_ps(first_lanes(n - j), s + j), ph + r * nk + j,
+                        pl + r * nk + j);
+        }
+        // out = weights x values: 64 dimensions (4 C tiles) at a time over the 32-position
+        // chunks the tile's last row reaches
+        for (int64_t s0 = 0; s0 < slices; s0 += 4) {
+            const int64_t ns = std::min<int64_t>(4, slices - s0);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t pc = 0; pc < wide / 32; ++pc) {
+                _tile_loadd(4, ph + pc * 32, nk * 2);
+                _tile_loadd(5, pl + pc * 32, nk * 2);
+                const int64_t at = (pc * slices + s0) * kTileHalfs;
+                // C s += hi.hi + hi.lo + lo.hi, tiles 6 and 7 holding slice s's parts
+#define BITNET158_PV(s)                                      \
+    if (ns > s) {                                            \
+        _tile_loadd(6, vh + at + s * kTileHalfs, 64);        \
+        _tile_loadd(7, vl + at + s * kTileHalfs, 64);        \
+        _tile_dpbf16ps(s, 4, 6);                             \
+        _tile_dpbf16ps(s, 4, 7);                             \
+        _tile_dpbf16ps(s, 5, 6);                             \
+    }
+                BITNET158_PV(0)
+                BITNET158_PV(1)
+                BITNET158_PV(2)
+                BITNET158_PV(3)
+#undef BITNET158_PV
+            }
+            _tile_stored(0, &block[0][0], 256);
+            _tile_stored(1, &block[0][16], 256);
+            _tile_stored(2, &block[0][32], 256);
+            _tile_stored(3, &block[0][48], 256);
+            for (int64_t r = 0; r < nr; ++r) {
+                float* dst = out + (r0 + r) / group * ldo + (r0 + r) % group * d + s0 * 16;
+                for (int64_t i = 0; i < 16 * ns; i += 16)
+                    _mm512_mask_storeu_ps(
+                        dst + i, first_lanes(d - s0 * 16 - i),
+                        _mm512_mul_ps(_mm512_load_ps(&block[r][i]), _mm512_set1_ps(inv[r])));
+            }
+        }
+    }
+    _tile_release();
+}
 }  // namespace bitnet158
 
 #else
 
 namespace bitnet158 {
 bool amx_usable() { return false; }
+void attend_amx(const float* q, int64_t ldq, int64_t npos, int64_t group, const void* keys,
+                const void* values, Dtype kv, int64_t n0, int64_t d, float scale, float* scores,
+                float* out, int64_t ldo) {
+    attend_scalar(q, ldq, npos, group, keys, values, kv, n0, d, scale, scores, out, ldo);
+}
 void amx_activations(const int8_t*, int64_t, int64_t, int8_t*) {}
 void gemm_groups_amx(const int8_t*, const int32_t*, int64_t, int64_t, const uint8_t*, int64_t,
                      int64_t, int64_t, const GemmOut&, bool) {}

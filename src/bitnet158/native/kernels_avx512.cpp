@@ -463,8 +463,7 @@ static constexpr const ScoreBlockFn* kScoreBlock[2][2] = {  // [keys are f16][ti
     {kScoreBlocks<1, true>, kScoreBlocks<2, true>},
 };
 
-// Softmax of a row of scores in place.
-BITNET158_AVX512 static void softmax_row(float* sg, int64_t n) {
+BITNET158_AVX512 float exp_row_avx512(float* sg, int64_t n) {
     __m512 vmax = _mm512_set1_ps(-__builtin_inff());
     int64_t j = 0;
     for (; j + 16 <= n; j += 16)
@@ -485,8 +484,14 @@ BITNET158_AVX512 static void softmax_row(float* sg, int64_t n) {
         _mm512_mask_storeu_ps(sg + j, tail, e);
         vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail, e));
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-    for (j = 0; j + 16 <= n; j += 16)
+    return _mm512_reduce_add_ps(vsum);
+}
+
+// Softmax of a row of scores in place.
+BITNET158_AVX512 static void softmax_row(float* sg, int64_t n) {
+    const __m512 inv = _mm512_set1_ps(1.0f / exp_row_avx512(sg, n));
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
         _mm512_storeu_ps(sg + j, _mm512_mul_ps(_mm512_loadu_ps(sg + j), inv));
     for (; j < n; ++j)
         sg[j] *= _mm512_cvtss_f32(inv);

@@ -665,6 +665,48 @@ NB_MODULE(_native, m) {
         "(gate='relu2') or silu(y) (gate='silu'), as the engine applies it.");
 
     m.def(
+        "attention",
+        [](Arr q, Arr keys, Arr values, int64_t n0, double scale, std::optional<std::string> isa) {
+            const Isa use = pick_isa(isa);
+            const float* qd = typed<float>(q, 3, "q");
+            const Dtype kv = float_dtype(keys, false, "keys");
+            if (float_dtype(values, false, "values") != kv)
+                throw nb::type_error("keys and values must have the same dtype");
+            check_layout(keys, 2, keys.itemsize(), "keys");
+            check_layout(values, 2, values.itemsize(), "values");
+            const int64_t npos = q.shape(0), group = q.shape(1), d = q.shape(2);
+            const int64_t n = n0 + npos - 1;  // keys the last position attends to
+            if (n0 < 1 || npos < 1 || group < 1 || d < 1)
+                throw nb::value_error("need n0 >= 1 and a non-empty q [positions, heads, d]");
+            check_shape(nb::ndarray<>(keys), {n, d}, "keys");
+            check_shape(nb::ndarray<>(values), {n, d}, "values");
+            // the kernels' layout: keys in tiles of kKeyTile positions (zeros past n)
+            const int64_t es = dtype_size(kv), cap = round_up(n, kKeyTile);
+            std::vector<char> tiled(size_t(cap * d * es), 0);
+            for (int64_t j = 0; j < n; ++j)
+                for (int64_t i = 0; i < d; ++i)
+                    std::memcpy(&tiled[size_t(key_index(j, i, d) * es)],
+                                static_cast<const char*>(keys.data()) + (j * d + i) * es,
+                                size_t(es));
+            std::vector<float> scores(size_t(npos * group * n));
+            float* out;
+            auto arr = new_array<float>({size_t(npos), size_t(group), size_t(d)}, &out);
+            {
+                nb::gil_scoped_release release;
+                kernels_for(use).attend(qd, group * d, npos, group, tiled.data(), values.data(),
+                                        kv, n0, d, static_cast<float>(scale), scores.data(), out,
+                                        group * d);
+            }
+            return arr;
+        },
+        "q"_a.noconvert(), "keys"_a.noconvert(), "values"_a.noconvert(), "n0"_a, "scale"_a,
+        "isa"_a = nb::none(),
+        "Causal attention of one sequence's positions n0 - 1 .. n0 + P - 2 as the engine computes "
+        "it: q float32[P, heads, d] (heads sharing one KV head), keys and values float32 or "
+        "float16 [n0 + P - 1, d]; position i attends to the first n0 + i keys. Returns "
+        "softmax(q k^T * scale) v, float32[P, heads, d].");
+
+    m.def(
         "quantize_rows_int8",
         [](Arr w, bool bf16, std::optional<std::string> isa) {
             const Isa use = pick_isa(isa);
