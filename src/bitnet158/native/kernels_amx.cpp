@@ -404,7 +404,6 @@ BITNET158_AMX void gemm_groups_amx_gated(const int8_t* b, const int32_t* x_sum, 
     gemm_amx(b, x_sum, T, kpad, packed, 2, n, g0, g1, out, up_beta, act, tq1);
 }
 
-
 // ---- attention of prefills on AMX-BF16 tiles (see kernels.h) ----
 
 namespace {
@@ -541,7 +540,7 @@ BITNET158_AMX_BF16 void attend_amx(const float* q, int64_t ldq, int64_t npos, in
             }
         }
         // scores, two key tiles at a time: C 0 and 1 += hi.hi + hi.lo + lo.hi (the lo.lo term
-        // is below f32's rounding), the two tiles' products interleaved
+        // is below f32's rounding)
         const int64_t key_tiles = cdiv(most, kKeyTile);
         for (int64_t kt = 0; kt < key_tiles; kt += 2) {
             const bool two = kt + 1 < key_tiles;
