@@ -282,7 +282,7 @@ def test_attention_matches_float64_reference(npos, group, d, n0, dtype):
 def test_attention_keeps_a_non_finite_position_from_earlier_ones(npos, group, bad):
     """A NaN or infinite key and value at one position reach only the positions that attend to
     it, on every ISA (AMX's tiles multiply later positions' values by zero weights)."""
-    n0, at = 3, 20  # the value row of position 20, attended from the 18th position on
+    n0, at = 3, 20  # key and value 20: query i attends to n0 + i keys, so from i = 18 on
     q, keys, values = attention_case(npos, group, 64, n0, np.float16, seed=1)
     keys[at, 5] = values[at, 7] = bad
     for isa in ISAS:
