@@ -25,6 +25,11 @@ inline void prefetch_ahead(const uint8_t* w) {
         __builtin_prefetch(w + kGemvPrefetchBytes + 64 * r, 0, 2);
 }
 
+// The mask of a 16-lane vector's first n lanes (none for n <= 0, all for n >= 16).
+inline uint16_t first_lanes(int64_t n) {
+    return n >= 16 ? uint16_t(0xffff) : n <= 0 ? uint16_t(0) : uint16_t((1u << n) - 1);
+}
+
 // The 64-byte lines of `bytes` bytes at p, into L1 (prefetcht0 on x86).
 inline void prefetch_lines(const void* p, int64_t bytes) {
     for (int64_t at = 0; at < bytes; at += 64)

@@ -445,10 +445,6 @@ BITNET158_AMX_BF16 inline __m512 half16(const uint16_t* p, __mmask16 m) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
-inline __mmask16 first_lanes(int64_t n) {
-    return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-
 constexpr int64_t kTileHalfs = 512;  // bf16 values per tile
 
 // Whether the f16 values of positions [j0, j0 + n) are all finite. A row tile's last chunk of
@@ -524,13 +520,13 @@ BITNET158_AMX_BF16 void attend_amx(const float* q, int64_t ldq, int64_t npos, in
         }
 
     configure_tiles();
+    const __m512 vscale = _mm512_set1_ps(scale);
     alignas(64) float block[kTile][64];
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t r0 = t * kTile, nr = std::min<int64_t>(kTile, rows - r0);
         const int64_t most = count(r0 + nr - 1), wide = round_up(most, 32);
         // queries times scale: A tiles, row r's dimensions in hi and lo parts (rows past nr:
         // zeros)
-        const __m512 vscale = _mm512_set1_ps(scale);
         for (int64_t r = 0; r < kTile; ++r) {
             const float* src = q + (r0 + r) / group * ldq + (r0 + r) % group * d;
             for (int64_t i = 0; i < dk; i += 16) {

@@ -358,11 +358,7 @@ BITNET158_AVX512 static void weigh_rows(const float* const* p, const int64_t* cn
         most = std::max(most, cnt[r]);
     }
     for (int64_t i0 = 0; i0 < d; i0 += 32) {
-        const __mmask16 mk[2] = {
-            d - i0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - i0)) - 1),
-            d - i0 >= 32   ? __mmask16(0xffff)
-            : d - i0 <= 16 ? __mmask16(0)
-                           : __mmask16((1u << (d - i0 - 16)) - 1)};
+        const __mmask16 mk[2] = {first_lanes(d - i0), first_lanes(d - i0 - 16)};
         __m512 acc[R][2];
         for (int r = 0; r < R; ++r)
             for (int c = 0; c < 2; ++c)
