@@ -33,8 +33,9 @@ def int8_activations(t, k, seed):
 def test_tq1_gemm_equals_numpy_and_the_2bit_kernel(n, k):
     codes, packed, packed_2bit = weights(n, k)
     _native.set_num_threads(2)
-    # every tile: one token, two, 4 + 3; 37 tokens: the AMX GEMM's tiles (16 + 16 + 5 tokens)
-    for t in (1, 2, 7, 37) if n * k <= 4 << 20 else (1, 2, 7):
+    # every tile: one token, two, 4 + 3; from 8 tokens the AVX-512 kernel decodes each group
+    # once (tails of 2 and 3 tokens at 10 and 11); 37 tokens: the AMX GEMM's tiles (16 + 16 + 5)
+    for t in (1, 2, 7, 10, 11, 37) if n * k <= 4 << 20 else (1, 2, 7, 11):
         x_q = int8_activations(t, k, seed=t)
         expected = exact_matmul(x_q, codes)
         for isa in ISAS:
@@ -48,16 +49,18 @@ def test_tq1_gemm_equals_numpy_and_the_2bit_kernel(n, k):
 @pytest.mark.parametrize("isa", ISAS)
 def test_tq1_extreme_values_do_not_overflow(isa):
     """All-(-128) and all-127 activations against rows of +1, -1 and 0 on the longest K: the
-    accumulators of 4x and 16x scaled products stay exact."""
+    accumulators of 4x and 16x scaled products stay exact (5 tokens: tiles of the packed bytes;
+    9: the decoded codes, k in slices)."""
     n, k = 8, 6912
     codes = np.ones((n, k), dtype=np.int8)
     codes[1::2] = -1
     codes[4] = 0
-    x_q = np.full((5, k), -128, dtype=np.int8)
-    x_q[1] = 127
-    x_q[2, ::2] = 127
-    got = _native.ternary_gemm_tq1_i32(x_q, packing.pack_ours_tq1(codes), n, k, isa=isa)
-    np.testing.assert_array_equal(got, exact_matmul(x_q, codes))
+    x_q = np.full((9, k), -128, dtype=np.int8)
+    x_q[1::3] = 127
+    x_q[2::3, ::2] = 127
+    for t in (5, 9):
+        got = _native.ternary_gemm_tq1_i32(x_q[:t], packing.pack_ours_tq1(codes), n, k, isa=isa)
+        np.testing.assert_array_equal(got, exact_matmul(x_q[:t], codes))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -39,7 +39,7 @@ inline void prefetch_lines(const void* p, int64_t bytes) {
 // Buffers that a thread keeps for its next calls (the pool's threads and the caller each have
 // their own), one per use: a fresh allocation per call would be mapped and faulted in anew
 // (glibc maps blocks of 128 KB and more), and the large ones are in huge pages.
-enum class Scratch { row, scores, amx_codes, amx_activations, amx_attention, step, count };
+enum class Scratch { row, scores, codes, amx_activations, amx_attention, step, count };
 // The buffer `which` of this thread, at least `bytes`, 64-byte aligned (its contents are lost
 // when it grows).
 void* thread_scratch_bytes(int64_t bytes, Scratch which);
@@ -210,6 +210,14 @@ BITNET158_DECLARE_KERNELS(avx512)
 // A row of n scores replaced by e^(s - max s), returning their sum: attend_avx512's softmax
 // before its normalization (attend_amx normalizes its outputs instead).
 float exp_row_avx512(float* s, int64_t n);
+// The 1.6-bit GEMM's batches of at least kCodesMinTokens tokens (kernels_tq1.cpp) decode each
+// group once into byte codes (codes[r * kpad + k], 0..2, for the 4 rows of group g), and
+// codes_gemm_avx512 stores the T tokens' dot products with them through out (GemmGroupsFn's
+// contract for that one group); sums: int32 scratch of T * kRows.
+constexpr int64_t kCodesMinTokens = 8;
+void codes_gemm_avx512(const int8_t* x_q, const int32_t* x_sum, int64_t T, int64_t kpad,
+                       const uint8_t* codes, int32_t* sums, int64_t g, int64_t n,
+                       const GemmOut& out);
 #endif
 
 // Scalar rounding shared by every ISA for elements outside a full SIMD vector.

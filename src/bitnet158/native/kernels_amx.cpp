@@ -319,7 +319,7 @@ BITNET158_AMX void gemm_amx(const int8_t* b, const int32_t* x_sum, int64_t T, in
     const bool keep = tiles > kTokenTilesPerPass;
     alignas(64) uint8_t ring[2][kTile * kTq1Block];
     uint8_t* strip = keep ? thread_scratch<uint8_t>(kAmxCallPasses * blocks * item_bytes,
-                                                    Scratch::amx_codes)
+                                                    Scratch::codes)
                           : nullptr;
     const auto codes = [&](int64_t p, int64_t kb) {  // pass p's block kb
         const int64_t it = p * blocks + kb;  // its place in the unpacking order

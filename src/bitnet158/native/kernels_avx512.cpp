@@ -252,6 +252,91 @@ BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblo
 }
 #undef BITNET158_GEMV_ROW
 
+// The 1.6-bit GEMM's batches (kernels_tq1.cpp) multiply from byte codes, each group decoded
+// once (codes_gemm_avx512 in kernels.h): a tile then issues only loads and vpdpbusd. The k
+// values go in slices whose codes stay in L1 while every token tile passes over them (a
+// 7040-wide group's codes are 28 KB, as many as a tile's activations).
+constexpr int64_t kCodesSlice = 2560;
+
+#define BITNET158_CODES4(r)                                       \
+    {                                                             \
+        const __m512i c = _mm512_loadu_si512(codes + r * ld + k); \
+        dpbusd_into(a##r##0, c, x0);                              \
+        dpbusd_into(a##r##1, c, x1);                              \
+        dpbusd_into(a##r##2, c, x2);                              \
+        dpbusd_into(a##r##3, c, x3);                              \
+    }
+// 4 rows x 4 tokens over kn k values: codes + r * ld, activations x + t * ldx.
+BITNET158_AVX512 static inline void codes_tile4x4(const uint8_t* codes, int64_t ld, int64_t kn,
+                                                  const int8_t* x, int64_t ldx,
+                                                  int32_t dots[kMaxTileTokens][kRows]) {
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+    __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    __m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    for (int64_t k = 0; k < kn; k += 64) {
+        const __m512i x0 = _mm512_loadu_si512(x + k), x1 = _mm512_loadu_si512(x + ldx + k);
+        const __m512i x2 = _mm512_loadu_si512(x + 2 * ldx + k);
+        const __m512i x3 = _mm512_loadu_si512(x + 3 * ldx + k);
+        BITNET158_CODES4(0)
+        BITNET158_CODES4(1)
+        BITNET158_CODES4(2)
+        BITNET158_CODES4(3)
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[0]), hsum4(a00, a10, a20, a30));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[1]), hsum4(a01, a11, a21, a31));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[2]), hsum4(a02, a12, a22, a32));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[3]), hsum4(a03, a13, a23, a33));
+}
+#undef BITNET158_CODES4
+
+// The same for the last 1-3 tokens of a batch.
+template <int NT>
+BITNET158_AVX512 static inline void codes_tile(const uint8_t* codes, int64_t ld, int64_t kn,
+                                               const int8_t* x, int64_t ldx,
+                                               int32_t dots[kMaxTileTokens][kRows]) {
+    __m512i acc[kRows][NT];
+    for (int r = 0; r < kRows; ++r)
+        for (int t = 0; t < NT; ++t)
+            acc[r][t] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < kn; k += 64)
+#pragma GCC unroll 4
+        for (int r = 0; r < kRows; ++r) {
+            const __m512i c = _mm512_loadu_si512(codes + r * ld + k);
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; ++t)
+                dpbusd_into(acc[r][t], c, _mm512_loadu_si512(x + t * ldx + k));
+        }
+    for (int t = 0; t < NT; ++t)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[t]),
+                         hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+}
+
+BITNET158_AVX512 void codes_gemm_avx512(const int8_t* x_q, const int32_t* x_sum, int64_t T,
+                                        int64_t kpad, const uint8_t* codes, int32_t* sums,
+                                        int64_t g, int64_t n, const GemmOut& out) {
+    int32_t dots[kMaxTileTokens][kRows];
+    for (int64_t k0 = 0; k0 < kpad; k0 += kCodesSlice) {
+        const int64_t kn = std::min(kCodesSlice, kpad - k0);
+        for (int64_t t0 = 0; t0 < T; t0 += kMaxTileTokens) {
+            const int64_t nt = std::min<int64_t>(kMaxTileTokens, T - t0);
+            const int8_t* x = x_q + t0 * kpad + k0;
+            switch (nt) {
+                case 1: codes_tile<1>(codes + k0, kpad, kn, x, kpad, dots); break;
+                case 2: codes_tile<2>(codes + k0, kpad, kn, x, kpad, dots); break;
+                case 3: codes_tile<3>(codes + k0, kpad, kn, x, kpad, dots); break;
+                default: codes_tile4x4(codes + k0, kpad, kn, x, kpad, dots); break;
+            }
+            for (int64_t t = 0; t < nt; ++t)
+                for (int r = 0; r < kRows; ++r)
+                    sums[(t0 + t) * kRows + r] = (k0 ? sums[(t0 + t) * kRows + r] : 0) + dots[t][r];
+        }
+    }
+    for (int r = 0; r < kRows && g * kRows + r < n; ++r)
+        for (int64_t t = 0; t < T; ++t)
+            out.store(t, g * kRows + r, sums[t * kRows + r] - x_sum[t]);
+}
+
 // Groups are taken in blocks that stay in L2 while every token tile passes over them, so a
 // tile's activations (4 x kpad bytes) stay in L1: with all T tokens per group instead, 16
 // tokens of a 2560-wide input (40 KB) cycled through the 32 KB L1 and halved the throughput.

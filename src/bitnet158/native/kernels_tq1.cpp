@@ -192,6 +192,17 @@ BITNET158_AVX512_VBMI void tq1_groups_avx512(const int8_t* x_q, const int32_t* x
                                              int64_t kpad, const uint8_t* packed, int64_t n,
                                              int64_t g0, int64_t g1, const GemmOut& out) {
     const int64_t nblocks = kpad / kTq1Block, group_bytes = tq1_group_bytes_padded(kpad);
+    if (T >= kCodesMinTokens) {  // each group decoded once for all tokens, not once per tile
+        uint8_t* codes = thread_scratch<uint8_t>(kRows * (kpad + 4 * T), Scratch::codes);
+        int32_t* sums = reinterpret_cast<int32_t*>(codes + kRows * kpad);
+        for (int64_t g = g0; g < g1; ++g) {
+            for (int64_t b = 0; b < nblocks; ++b)
+                tq1_unpack_block(packed + g * group_bytes + b * kRows * kTq1RowBytes,
+                                 codes + b * kTq1Block, kpad);
+            codes_gemm_avx512(x_q, x_sum, T, kpad, codes, sums, g, n, out);
+        }
+        return;
+    }
     int32_t dots[4][kRows];
     for (int64_t g = g0; g < g1; ++g) {
         const uint8_t* group = packed + g * group_bytes;
