@@ -30,6 +30,8 @@ def test_random_model_is_ternary_and_loads(tmp_path, tiny_shape):
     codes = unpack_tensors(cfg, ckpt.tensors)["layers.0.gate.codes"]
     assert set(np.unique(codes)) == {-1, 0, 1}  # 96 x 64: the padded (slow) packing path
     assert ckpt.tensors["embed.weight"].dtype == np.float16
+    # q, k, v, o (64x64, 32x64, 32x64, 64x64), gate and up (96x64), down (64x96), 2 layers
+    assert bench.multiply_adds_per_token(cfg) == 2 * 64 * (64 + 32 + 32 + 64 + 96 + 96 + 96)
     sizes = bench.decode_bytes_per_token(cfg, "float16")
     assert sizes["head"] == 300 * 64 * 2
     assert sizes["ternary"] == sum(
@@ -51,6 +53,8 @@ def test_run_and_report_without_peers(tmp_path, tiny_shape):
         assert "error" not in r, r
         assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_rss"] > 0
         assert 0 < r["roofline_fraction"]
+        assert r["multiply_adds_per_s"] > 0 or r["isa"] == "scalar"
+        assert r.get("prefill_ceiling_fraction", 1) > 0
     assert [r["head"] for r in runs] == ["float16", "int8", "q4", "float16", "q4"]
     tq1 = load_native(tmp_path / f"{tiny_shape}-tq1.safetensors")  # the same model, 1.6-bit
     assert tq1.layout == "tq1"
@@ -59,7 +63,7 @@ def test_run_and_report_without_peers(tmp_path, tiny_shape):
     runs.append(dict(engine="llama.cpp", weights="TQ2_0 + F16", prefill_tps=2.0, decode_tps=1.0))
     runs.append(dict(engine="transformers", weights="BitNetForCausalLM", error="not installed"))
     table = bench.markdown(results)
-    assert "| bitnet158 | 2-bit ours + F16 head |" in table
+    assert "| bitnet158 | 2-bit ours + F16 head |" in table and "| prefill ceiling |" in table
     assert "not run: not installed" in table
     json.dumps(results)  # the JSON file holds all of it
 

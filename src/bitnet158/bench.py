@@ -7,7 +7,10 @@ runs in its own subprocess (so load time and peak RSS are its own) and is measur
 llama-bench measures: prefill of a random prompt (pp, tokens/s) and decode of tokens one at a
 time (tg, tokens/s), from an empty context or after `depth` context tokens (llama-bench's `-d`:
 each step then also reads their keys and values). The machine's memory read bandwidth, measured
-in the same run, gives each engine's decode roofline: bytes read per token / bandwidth.
+in the same run, gives each engine's decode roofline: bytes read per token / bandwidth; the
+cores' multiply-adds per second with the instruction our prefill GEMM multiplies with
+(`_native.multiply_add_rate`, in each of our workers) give its prefill ceiling: that rate /
+the ternary projections' multiply-adds per token.
 
 Peers are optional: llama.cpp needs `llama-cpp-python` (the `bench` extra), transformers needs
 torch; a peer that cannot run is reported as such, never silently dropped.
@@ -241,6 +244,7 @@ def worker_bitnet158(args: dict) -> dict:
         return time.perf_counter() - t0
 
     engine.forward(prompt[:16], cache)  # warm up
+    multiply_adds = _native.multiply_add_rate(0.3)  # the prefill's ceiling, this minute
     pp = min(_timed(prefill) for _ in range(args["reps"]))
     tg = min(decode() for _ in range(args["reps"]))
     return dict(
@@ -250,6 +254,7 @@ def worker_bitnet158(args: dict) -> dict:
         peak_rss=_peak_rss(),
         head=engine.head_kind,
         isa=_native.isa(),
+        multiply_adds_per_s=multiply_adds,
     )
 
 
@@ -448,6 +453,14 @@ def read_bandwidth(threads: int, size: int = 1 << 30, reps: int = 5) -> float:
     return size / best
 
 
+def multiply_adds_per_token(cfg: ModelConfig) -> int:
+    """Multiply-adds of one token through the ternary projections (attention's, which grow
+    with the position, not counted): a prefill's work at its ceiling."""
+    from .formats.native import projection_shapes
+
+    return cfg.num_layers * sum(n * k for n, k in projection_shapes(cfg).values())
+
+
 def decode_bytes_per_token(cfg: ModelConfig, head: str, layout: str = "2bit",
                            keys: float = 0.0) -> dict[str, int]:  # fmt: skip
     """Bytes a decode step must read: packed ternary layers (ours, in `layout`), the output
@@ -489,8 +502,9 @@ def _transformers_available() -> str | None:
 
 def _measure(runs: list, label: str, engine: str, weights: str, kind: str, args: dict,
              log: Callable[[str], None], bandwidth: float, roofline: dict | None = None,
-             probe_bytes: int = 1 << 30) -> None:  # fmt: skip
-    """Run one worker and append its entry (with its decode roofline when known) to runs."""
+             probe_bytes: int = 1 << 30, macs_per_token: int = 0) -> None:  # fmt: skip
+    """Run one worker and append its entry (with its decode roofline and prefill ceiling when
+    known) to runs."""
     log(f"[{label}] {engine} {weights} ...")
     if roofline:  # the bandwidth of this moment (a shared machine's moves by 1.5x)
         probe = run_worker("bandwidth", {"threads": args["threads"], "bytes": probe_bytes})
@@ -502,6 +516,9 @@ def _measure(runs: list, label: str, engine: str, weights: str, kind: str, args:
         entry["read_bandwidth_gbs"] = bandwidth / 1e9
         entry["roofline_tps"] = bandwidth / per_token
         entry["roofline_fraction"] = res["decode_tps"] / entry["roofline_tps"]
+    if macs_per_token and res.get("multiply_adds_per_s"):
+        entry["prefill_ceiling_tps"] = res["multiply_adds_per_s"] / macs_per_token
+        entry["prefill_ceiling_fraction"] = res["prefill_tps"] / entry["prefill_ceiling_tps"]
     runs.append(entry)
     log(f"    {json.dumps(entry)}")
 
@@ -593,7 +610,7 @@ def run(
             args = dict(common, path=str(ours), lm_head=head, kv_dtype="float16")
             _measure(runs, shape, "bitnet158", f"2-bit ours + {label} head", "bitnet158", args,
                      log, bandwidth, decode_bytes_per_token(cfg, bytes_kind, keys=keys),
-                     probe_bytes)  # fmt: skip
+                     probe_bytes, multiply_adds_per_token(cfg))  # fmt: skip
         # The 1.6-bit layout (`convert --to bitnet158-tq1`) of the same model, to compare.
         ours_tq1 = workdir / f"{shape}-tq1.safetensors"
         if not ours_tq1.exists():
@@ -604,7 +621,7 @@ def run(
             args = dict(common, path=str(ours_tq1), lm_head=head, kv_dtype="float16")
             _measure(runs, shape, "bitnet158", f"1.6-bit ours + {label} head", "bitnet158",
                      args, log, bandwidth, decode_bytes_per_token(cfg, bytes_kind, "tq1", keys),
-                     probe_bytes)  # fmt: skip
+                     probe_bytes, multiply_adds_per_token(cfg))  # fmt: skip
         if not peers:
             continue
         missing = _llama_cpp_available()
@@ -726,7 +743,10 @@ def markdown(results: dict) -> str:
         f"{results.get('load_average_before', [0])[0]:.1f} before, "
         f"{results.get('load_average_after', [0])[0]:.1f} after. Ratios: against llama.cpp "
         "TQ2_0 with an F16 output layer (ours F16) or Q4_K (ours int8 / 4-bit), the faster of "
-        "flash attention on/off. Decode roofline: bytes read per token / read bandwidth.",
+        "flash attention on/off. Decode roofline: bytes read per token / read bandwidth. "
+        "Prefill ceiling: the cores' multiply-adds per second with the instruction our prefill "
+        "GEMM multiplies with (measured in the worker just before its prefill) / the ternary "
+        "projections' multiply-adds per token.",
         "",
     ]
     warning = peer_isa_warning([r for d in results["shapes"].values() for r in d["runs"]])
@@ -741,13 +761,13 @@ def markdown(results: dict) -> str:
         lines += [
             f"### {shape}",
             "",
-            "| engine | weights + output layer | prefill tok/s | decode tok/s | prefill ratio | decode ratio | decode roofline | peak RSS MiB | load s |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| engine | weights + output layer | prefill tok/s | decode tok/s | prefill ratio | decode ratio | decode roofline | prefill ceiling | peak RSS MiB | load s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]  # fmt: skip
         for r in runs:
             if "error" in r:
                 lines.append(
-                    f"| {r['engine']} | {r['weights']} | — | — | | | | | not run: {r['error'][:120]} |"
+                    f"| {r['engine']} | {r['weights']} | — | — | | | | | | not run: {r['error'][:120]} |"
                 )
                 continue
             compressed = any(h in r["weights"] for h in ("int8", "4-bit", "Q4_K"))
@@ -759,11 +779,16 @@ def markdown(results: dict) -> str:
                 if "roofline_tps" in r
                 else ""
             )
+            ceiling = (
+                f"{r['prefill_ceiling_tps']:.0f} ({100 * r['prefill_ceiling_fraction']:.0f} %)"
+                if "prefill_ceiling_tps" in r
+                else ""
+            )
             rss = f"{r['peak_rss'] / MiB:.0f}" if "peak_rss" in r else "—"
             load = f"{r['load_s']:.2f}" if "load_s" in r else r.get("note", "")
             lines.append(
                 f"| {r['engine']} | {r['weights']} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
-                f"{ratio(r['prefill_tps'], pp_ref)} | {ratio(r['decode_tps'], tg_ref)} | {roof} | {rss} | {load} |"
+                f"{ratio(r['prefill_tps'], pp_ref)} | {ratio(r['decode_tps'], tg_ref)} | {roof} | {ceiling} | {rss} | {load} |"
             )
         lines.append("")
     return "\n".join(lines)

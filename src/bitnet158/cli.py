@@ -708,8 +708,9 @@ def _add_bench_command(sub) -> None:
             "Build random-weight models of real shapes (2B-4T, 1bitLLM 700M) in our format and "
             "as GGUF TQ2_0/TQ1_0, then measure prefill and decode tokens/s, peak RSS and load "
             "time of bitnet158, llama.cpp (llama-cpp-python, the 'bench' extra) and "
-            "transformers on the same threads, with the memory-bandwidth roofline. Prints a "
-            "markdown table; --json keeps everything."
+            "transformers on the same threads, with the memory-bandwidth roofline of decode "
+            "and the multiply-add ceiling of prefill. Prints a markdown table; --json keeps "
+            "everything."
         ),
     )
     bench.add_arguments(p)

@@ -353,3 +353,35 @@ def test_concurrent_python_threads():
         )
     for got, want in zip(results, expected * 5, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_multiply_add_rate_bounds_the_gemm(isa):
+    """The prefill ceiling `bitnet158 bench` prints: the ISA's GEMM, timed on a prefill-sized
+    batch, never multiplies faster than its multiply instruction runs alone from registers
+    (the faster of two probes, and a 1.5x margin for a shared machine's minute); the scalar ISA
+    has no ceiling (0)."""
+    import time
+
+    _native.set_num_threads(2)
+    rate = _native.multiply_add_rate(0.1, isa=isa)
+    if isa == "scalar":
+        assert rate == 0.0
+        return
+    n, k, t = 3072, 2560, 64
+    _, packed = weights(n, k)
+    x_q = np.random.default_rng(1).integers(-128, 128, size=(t, k)).astype(np.int8)
+    _native.ternary_gemm_i32(x_q, packed, n, k, isa=isa)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        _native.ternary_gemm_i32(x_q, packed, n, k, isa=isa)
+        times.append(time.perf_counter() - t0)
+    rate = max(rate, _native.multiply_add_rate(0.1, isa=isa))  # the faster of two minutes
+    assert 0 < t * n * k / min(times) < 1.5 * rate
+
+
+def test_multiply_add_rate_refuses_bad_durations():
+    for seconds in (0.0, -1.0, float("nan"), 61.0):
+        with pytest.raises(ValueError, match="seconds"):
+            _native.multiply_add_rate(seconds)

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -348,6 +349,43 @@ uint64_t read_bytes(const uint8_t* p, int64_t n) {
         total.fetch_xor(x, std::memory_order_relaxed);
     });
     return total.load();
+}
+
+double multiply_add_rate(Isa isa, double seconds) {
+#if defined(BITNET158_X86)
+    int64_t (*run)(int64_t) = isa == Isa::amx      ? multiply_adds_amx
+                              : isa == Isa::avx512 ? multiply_adds_avx512
+                              : isa == Isa::avx2   ? multiply_adds_avx2
+                                                   : nullptr;
+    if (!run)
+        return 0.0;
+    using Clock = std::chrono::steady_clock;
+    const auto elapsed = [](Clock::time_point t0) {
+        return std::chrono::duration<double>(Clock::now() - t0).count();
+    };
+    // one thread's rate first, to size the chunks: 16 per thread, claimed as threads come, so
+    // that the wall time covers all threads at work together
+    int64_t iters = 1 << 12;
+    for (;;) {
+        const auto t0 = Clock::now();
+        run(iters);
+        const double s = elapsed(t0);
+        if (s > 0.01) {
+            iters = std::max<int64_t>(1, int64_t(double(iters) * seconds / s / 16.0));
+            break;
+        }
+        iters *= 4;
+    }
+    std::atomic<int64_t> macs{0};
+    const auto t0 = Clock::now();
+    parallel_for(16 * int64_t(num_threads()),
+                 [&](int64_t) { macs.fetch_add(run(iters), std::memory_order_relaxed); });
+    return double(macs.load()) / elapsed(t0);
+#else
+    (void)isa;
+    (void)seconds;
+    return 0.0;
+#endif
 }
 
 }  // namespace bitnet158

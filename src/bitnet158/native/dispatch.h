@@ -141,4 +141,9 @@ void relu2_mul(float* g, const float* u, int64_t n);
 // bandwidth probe of `bitnet158 bench`.
 uint64_t read_bytes(const uint8_t* p, int64_t n);
 
+// Multiply-adds per second of the instruction `isa`'s prefill GEMM multiplies with (AMX
+// TDPBUSD, AVX-512 vpdpbusd, AVX2 vpmaddubsw), run for about `seconds` on the thread pool from
+// registers alone: the compute ceiling of a prefill (bitnet158 bench). 0 for the scalar ISA.
+double multiply_add_rate(Isa isa, double seconds);
+
 }  // namespace bitnet158

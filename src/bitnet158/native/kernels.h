@@ -210,6 +210,13 @@ BITNET158_DECLARE_KERNELS(avx512)
 // A row of n scores replaced by e^(s - max s), returning their sum: attend_avx512's softmax
 // before its normalization (attend_amx normalizes its outputs instead).
 float exp_row_avx512(float* s, int64_t n);
+// The prefill GEMM's multiply instruction run back to back on one thread, `iters` rounds of
+// independent chains in registers (no memory): the multiply-adds done (bitnet158 bench's
+// prefill ceiling, dispatch.h multiply_add_rate). AVX-512: vpdpbusd; AVX2: vpmaddubsw (its
+// GEMM also widens the sums, so this is an upper bound); AMX: TDPBUSD (kernels_amx.cpp).
+int64_t multiply_adds_avx512(int64_t iters);
+int64_t multiply_adds_avx2(int64_t iters);
+int64_t multiply_adds_amx(int64_t iters);
 // The 1.6-bit GEMM's batches of at least kCodesMinTokens tokens (kernels_tq1.cpp) decode each
 // group once into byte codes (codes[r * kpad + k], 0..2, for the 4 rows of group g), and
 // codes_gemm_avx512 stores the T tokens' dot products with them through out (GemmGroupsFn's

@@ -280,6 +280,31 @@ bool amx_usable() {
     return granted;
 }
 
+BITNET158_AMX int64_t multiply_adds_amx(int64_t iters) {
+    alignas(64) static const int8_t ones[kTile * 64] = {};  // the values do not matter
+    configure_tiles();
+    _tile_loadd(4, ones, 64);
+    _tile_loadd(5, ones, 64);
+    _tile_loadd(6, ones, 64);
+    _tile_loadd(7, ones, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t i = 0; i < iters; ++i) {  // 4 chains (C tiles), as a pass of the GEMM
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+    }
+    alignas(64) int32_t c[kTile * kTile];
+    _tile_stored(0, c, 64);
+    _tile_release();
+    volatile int32_t sink = c[0];
+    (void)sink;
+    return iters * 4 * kTile * kTile * kChunk;
+}
+
 BITNET158_AMX void amx_activations(const int8_t* x_q, int64_t T, int64_t kpad, int8_t* b) {
     // b[tile][k / 4][token % 16][k % 4]: the dword of 4 k values of each token, transposed 16
     // x 16 dwords (64 k values of 16 tokens) at a time; tokens past T are zeros.
@@ -631,6 +656,7 @@ void attend_amx(const float* q, int64_t ldq, int64_t npos, int64_t group, const 
     attend_scalar(q, ldq, npos, group, keys, values, kv, n0, d, scale, scores, out, ldo);
 }
 void amx_activations(const int8_t*, int64_t, int64_t, int8_t*) {}
+int64_t multiply_adds_amx(int64_t) { return 0; }
 void gemm_groups_amx(const int8_t*, const int32_t*, int64_t, int64_t, const uint8_t*, int64_t,
                      int64_t, int64_t, const GemmOut&, bool) {}
 void gemm_groups_amx_gated(const int8_t*, const int32_t*, int64_t, int64_t, const uint8_t*,

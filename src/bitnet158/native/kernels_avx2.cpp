@@ -133,6 +133,37 @@ BITNET158_AVX2 void gemm_groups_avx2(const int8_t* x_q, const int32_t* x_sum, in
     }
 }
 
+BITNET158_AVX2 int64_t multiply_adds_avx2(int64_t iters) {
+    const __m256i u = _mm256_set1_epi8(1);
+    __m256i a0 = _mm256_set1_epi8(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m256i a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+    // 12 independent chains (each product feeds the next as its signed bytes), in asm so that
+    // the compiler keeps them as written
+#define BITNET158_MADDUBS(a) asm("vpmaddubsw %1, %2, %0" : "=x"(a) : "x"(a), "x"(u));
+    for (int64_t i = 0; i < iters; ++i) {
+        BITNET158_MADDUBS(a0)
+        BITNET158_MADDUBS(a1)
+        BITNET158_MADDUBS(a2)
+        BITNET158_MADDUBS(a3)
+        BITNET158_MADDUBS(a4)
+        BITNET158_MADDUBS(a5)
+        BITNET158_MADDUBS(a6)
+        BITNET158_MADDUBS(a7)
+        BITNET158_MADDUBS(a8)
+        BITNET158_MADDUBS(a9)
+        BITNET158_MADDUBS(a10)
+        BITNET158_MADDUBS(a11)
+    }
+#undef BITNET158_MADDUBS
+    const __m256i sum = _mm256_xor_si256(
+        _mm256_xor_si256(_mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3)),
+                         _mm256_xor_si256(_mm256_xor_si256(a4, a5), _mm256_xor_si256(a6, a7))),
+        _mm256_xor_si256(_mm256_xor_si256(a8, a9), _mm256_xor_si256(a10, a11)));
+    volatile int sink = _mm256_extract_epi32(sum, 0);  // keeps every chain
+    (void)sink;
+    return iters * 12 * 32;
+}
+
 // ---- float kernels: attention and the output layer ----
 
 BITNET158_AVX2 static inline float hsum8(__m256 v) {

@@ -370,6 +370,33 @@ BITNET158_AVX512 void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum
     }
 }
 
+BITNET158_AVX512 int64_t multiply_adds_avx512(int64_t iters) {
+    const __m512i u = _mm512_set1_epi8(1), x = _mm512_set1_epi8(1);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m512i a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+    for (int64_t i = 0; i < iters; ++i) {  // 12 chains: more than latency x throughput
+        dpbusd_into(a0, u, x);
+        dpbusd_into(a1, u, x);
+        dpbusd_into(a2, u, x);
+        dpbusd_into(a3, u, x);
+        dpbusd_into(a4, u, x);
+        dpbusd_into(a5, u, x);
+        dpbusd_into(a6, u, x);
+        dpbusd_into(a7, u, x);
+        dpbusd_into(a8, u, x);
+        dpbusd_into(a9, u, x);
+        dpbusd_into(a10, u, x);
+        dpbusd_into(a11, u, x);
+    }
+    const __m512i sum = _mm512_add_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
+                         _mm512_add_epi32(_mm512_add_epi32(a4, a5), _mm512_add_epi32(a6, a7))),
+        _mm512_add_epi32(_mm512_add_epi32(a8, a9), _mm512_add_epi32(a10, a11)));
+    volatile int32_t sink = _mm512_reduce_add_epi32(sum);  // keeps every chain
+    (void)sink;
+    return iters * 12 * 64;
+}
+
 // ---- float kernels: attention and the output layer ----
 
 // e^x within ~2 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6 Taylor

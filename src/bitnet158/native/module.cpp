@@ -801,4 +801,18 @@ NB_MODULE(_native, m) {
         "buf"_a.noconvert(),
         "Read every byte of buf with the kernels' threads (a memory read bandwidth probe); "
         "returns a checksum.");
+
+    m.def(
+        "multiply_add_rate",
+        [](double seconds, std::optional<std::string> isa) {
+            if (!(seconds > 0.0 && seconds <= 60.0))
+                throw nb::value_error("seconds must be in (0, 60]");
+            const Isa use = pick_isa(isa);
+            nb::gil_scoped_release release;
+            return multiply_add_rate(use, seconds);
+        },
+        "seconds"_a = 0.2, "isa"_a = nb::none(),
+        "Multiply-adds per second of the instruction the prefill GEMM multiplies with on this "
+        "ISA (amx: TDPBUSD, avx512: vpdpbusd, avx2: vpmaddubsw), on the kernels' threads from "
+        "registers for about `seconds`: the compute ceiling of a prefill. 0.0 for scalar.");
 }
