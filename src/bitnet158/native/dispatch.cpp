@@ -72,6 +72,15 @@ constexpr int64_t kAmxCallBytes = 768 << 10;
 
 }  // namespace
 
+#if defined(BITNET158_X86)
+extern const bool prefetch_2bit = [] {
+    __builtin_cpu_init();
+    return !__builtin_cpu_is("amd");
+}();
+#else
+extern const bool prefetch_2bit = true;
+#endif
+
 void* thread_scratch_bytes(int64_t bytes, Scratch which) {
     struct Buffer {
         struct Free {

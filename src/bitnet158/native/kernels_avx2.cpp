@@ -122,10 +122,11 @@ BITNET158_AVX2 void gemm_groups_avx2(const int8_t* x_q, const int32_t* x_sum, in
         for (int64_t t0 = 0; t0 < T; t0 += kTile) {
             const int64_t nt = T - t0 < kTile ? T - t0 : kTile;
             const int8_t* x = x_q + t0 * kpad;
+            const bool fetch = t0 == 0 && prefetch_2bit;
             if (nt == 1)
-                tile<1>(group, nblocks, x, kpad, dots, t0 == 0);
+                tile<1>(group, nblocks, x, kpad, dots, fetch);
             else
-                tile<2>(group, nblocks, x, kpad, dots, t0 == 0);
+                tile<2>(group, nblocks, x, kpad, dots, fetch);
             for (int r = 0; r < kRows && g * kRows + r < n; ++r)
                 for (int64_t t = 0; t < nt; ++t)
                     out.store(t0 + t, g * kRows + r, dots[t][r] - x_sum[t0 + t]);
