@@ -107,6 +107,17 @@ BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, 
 
 // The full 4 rows x 4 tokens tile with its 16 accumulators as named variables: GCC does not
 // keep an array of 16 vectors in registers (it copied and spilled them, ~30 % slower).
+// a<row><token>, zeroed; then the tile's sums stored as dots[token][row].
+#define BITNET158_ACC4X4                                                              \
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;            \
+    __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00;                               \
+    __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00;                               \
+    __m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+#define BITNET158_STORE4X4(dots)                                                      \
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[0]), hsum4(a00, a10, a20, a30)); \
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[1]), hsum4(a01, a11, a21, a31)); \
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[2]), hsum4(a02, a12, a22, a32)); \
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[3]), hsum4(a03, a13, a23, a33));
 #define BITNET158_DOT4(acc, xt)                          \
     dpbusd_into(acc, c0, _mm512_loadu_si512(xt));       \
     dpbusd_into(acc, c1, _mm512_loadu_si512(xt + 64));  \
@@ -127,10 +138,7 @@ BITNET158_AVX512 static inline void tile(const uint8_t* group, int64_t nblocks, 
 BITNET158_AVX512 static inline void tile4x4(const uint8_t* group, int64_t nblocks, const int8_t* x,
                                             int64_t ldx, int32_t dots[kMaxTileTokens][kRows],
                                             bool fetch) {
-    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
-    __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-    __m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    BITNET158_ACC4X4
     const __m512i mask = _mm512_set1_epi8(3);
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
@@ -142,10 +150,7 @@ BITNET158_AVX512 static inline void tile4x4(const uint8_t* group, int64_t nblock
         BITNET158_ROW(2)
         BITNET158_ROW(3)
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[0]), hsum4(a00, a10, a20, a30));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[1]), hsum4(a01, a11, a21, a31));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[2]), hsum4(a02, a12, a22, a32));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[3]), hsum4(a03, a13, a23, a33));
+    BITNET158_STORE4X4(dots)
 }
 #undef BITNET158_ROW
 #undef BITNET158_DOT4
@@ -229,10 +234,7 @@ BITNET158_AVX512 static inline __m512i plane_sum(__m512i a0, __m512i a1, __m512i
 BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblocks,
                                               const int8_t* x,
                                               int32_t dots[kMaxTileTokens][kRows]) {
-    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
-    __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-    __m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    BITNET158_ACC4X4
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c);
     const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8(static_cast<char>(0xc0));
     for (int64_t b = 0; b < nblocks; ++b) {
@@ -293,10 +295,7 @@ constexpr int64_t kCodesSlice = 2560;
 BITNET158_AVX512 static inline void codes_tile4x4(const uint8_t* codes, int64_t ld, int64_t kn,
                                                   const int8_t* x, int64_t ldx,
                                                   int32_t dots[kMaxTileTokens][kRows]) {
-    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
-    __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-    __m512i a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    BITNET158_ACC4X4
     for (int64_t k = 0; k < kn; k += 64) {
         const __m512i x0 = _mm512_loadu_si512(x + k), x1 = _mm512_loadu_si512(x + ldx + k);
         const __m512i x2 = _mm512_loadu_si512(x + 2 * ldx + k);
@@ -306,12 +305,11 @@ BITNET158_AVX512 static inline void codes_tile4x4(const uint8_t* codes, int64_t 
         BITNET158_CODES4(2)
         BITNET158_CODES4(3)
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[0]), hsum4(a00, a10, a20, a30));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[1]), hsum4(a01, a11, a21, a31));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[2]), hsum4(a02, a12, a22, a32));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots[3]), hsum4(a03, a13, a23, a33));
+    BITNET158_STORE4X4(dots)
 }
 #undef BITNET158_CODES4
+#undef BITNET158_ACC4X4
+#undef BITNET158_STORE4X4
 
 // The same for the last 1-3 tokens of a batch.
 template <int NT>
