@@ -281,12 +281,12 @@ bool amx_usable() {
 }
 
 BITNET158_AMX int64_t multiply_adds_amx(int64_t iters) {
-    alignas(64) static const int8_t ones[kTile * 64] = {};  // the values do not matter
+    alignas(64) static const int8_t zeros[kTile * 64] = {};  // the values do not matter
     configure_tiles();
-    _tile_loadd(4, ones, 64);
-    _tile_loadd(5, ones, 64);
-    _tile_loadd(6, ones, 64);
-    _tile_loadd(7, ones, 64);
+    _tile_loadd(4, zeros, 64);
+    _tile_loadd(5, zeros, 64);
+    _tile_loadd(6, zeros, 64);
+    _tile_loadd(7, zeros, 64);
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
