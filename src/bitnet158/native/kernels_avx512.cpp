@@ -410,11 +410,12 @@ BITNET158_AVX512 int64_t multiply_adds_avx512(int64_t iters) {
         dpbusd_into(a10, u, x);
         dpbusd_into(a11, u, x);
     }
-    const __m512i sum = _mm512_add_epi32(
-        _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
-                         _mm512_add_epi32(_mm512_add_epi32(a4, a5), _mm512_add_epi32(a6, a7))),
-        _mm512_add_epi32(_mm512_add_epi32(a8, a9), _mm512_add_epi32(a10, a11)));
-    volatile int32_t sink = _mm512_reduce_add_epi32(sum);  // keeps every chain
+    // xor, not add: the chains' sums overflow int32, and UBSan checks the scalar reduction
+    const __m512i all = _mm512_xor_si512(
+        _mm512_xor_si512(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)),
+                         _mm512_xor_si512(_mm512_xor_si512(a4, a5), _mm512_xor_si512(a6, a7))),
+        _mm512_xor_si512(_mm512_xor_si512(a8, a9), _mm512_xor_si512(a10, a11)));
+    volatile int32_t sink = _mm_cvtsi128_si32(_mm512_castsi512_si128(all));  // keeps every chain
     (void)sink;
     return iters * 12 * 64;
 }
