@@ -73,12 +73,12 @@ constexpr int64_t kAmxCallBytes = 768 << 10;
 }  // namespace
 
 #if defined(BITNET158_X86)
-extern const bool prefetch_2bit = [] {
+extern const bool prefetch_gemv = [] {
     __builtin_cpu_init();
     return !__builtin_cpu_is("amd");
 }();
 #else
-extern const bool prefetch_2bit = true;
+extern const bool prefetch_gemv = true;
 #endif
 
 void* thread_scratch_bytes(int64_t bytes, Scratch which) {

@@ -16,13 +16,14 @@ constexpr int kMaxTileTokens = 4;  // tokens one GEMM tile reuses each weight bl
 // weights this far ahead into L2: on 2 Sapphire Rapids cores the hardware prefetchers alone
 // streamed 15-17 GB/s of a 26 GB/s read probe, 23-26 with it (AVX-512; the AVX2 decode went 79
 // -> 56 ms per 2B-4T token; batches of 2 and 4 tokens 1.6-2.3x the multiply-adds per second).
-// On AMD Zen 4 the 2-bit kernels stream faster without it (one token's GEMV over the 2B-4T
-// weights 3-30 % faster in 16 of 16 alternating rounds, a whole 4-bit-head step ~8 % in 5 of
-// 6): its own prefetchers keep up, and the extra requests compete with them. The 1.6-bit GEMV,
-// which spends more time per byte decoding, still gains from it there (5 of 6 rounds).
-// prefetch_2bit says whether the 2-bit kernels fetch ahead (CPUID at load: not on AMD).
+// On AMD Zen 4 the one-token 2-bit GEMV streams faster without it (over the 2B-4T weights 3-30 %
+// faster in 16 of 16 alternating rounds, a whole 4-bit-head step ~8 % in 9 of 10, the AVX2
+// decode 3-12 % in 6 of 6): its own prefetchers keep up, and the extra requests compete with
+// them. Batches of 4 and 16 tokens there still gain from it (5 of 6 rounds each), and so does
+// the 1.6-bit GEMV, which spends more time per byte decoding (5 of 6). prefetch_gemv says
+// whether the one-token 2-bit GEMV fetches ahead (CPUID at load: not on AMD).
 constexpr int64_t kGemvPrefetchBytes = 3072;
-extern const bool prefetch_2bit;
+extern const bool prefetch_gemv;
 
 // The 4 row lines of the weight block at w (one group of our layout), kGemvPrefetchBytes ahead,
 // into L2 (prefetcht1 on x86).

@@ -122,7 +122,7 @@ BITNET158_AVX2 void gemm_groups_avx2(const int8_t* x_q, const int32_t* x_sum, in
         for (int64_t t0 = 0; t0 < T; t0 += kTile) {
             const int64_t nt = T - t0 < kTile ? T - t0 : kTile;
             const int8_t* x = x_q + t0 * kpad;
-            const bool fetch = t0 == 0 && prefetch_2bit;
+            const bool fetch = t0 == 0 && (T > 1 || prefetch_gemv);  // kernels.h
             if (nt == 1)
                 tile<1>(group, nblocks, x, kpad, dots, fetch);
             else

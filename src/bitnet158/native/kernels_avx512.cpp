@@ -215,7 +215,7 @@ BITNET158_AVX512 static inline void tile4x3(const uint8_t* group, int64_t nblock
 //   (bits 2j, 2j + 1) left in place, so its accumulator holds 4^j x its dot product and is
 //   shifted back exactly at the end (no shifts per block; the lanes stay far from overflow,
 //   |sum| <= 2^16 per 256 k values). On a 2-core Sapphire Rapids this streamed ~8 % faster.
-// - the lines kGemvPrefetchBytes ahead are fetched into L2 where prefetch_2bit (kernels.h);
+// - the lines kGemvPrefetchBytes ahead are fetched into L2 where prefetch_gemv (kernels.h);
 // - the 16 accumulators are named variables updated in place (dpbusd_into): as an array, with
 //   the intrinsic, GCC copied them and spilled some to the stack on every block.
 #define BITNET158_GEMV_ROW(r)                                \
@@ -240,7 +240,7 @@ BITNET158_AVX512 static inline void tile_gemv(const uint8_t* group, int64_t nblo
     for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* w = group + b * kBlock;
         const int8_t* xb = x + b * kBlock;
-        if (prefetch_2bit)
+        if (prefetch_gemv)
             prefetch_ahead(w);
         const __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
         const __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
@@ -376,14 +376,13 @@ BITNET158_AVX512 void gemm_groups_avx512(const int8_t* x_q, const int32_t* x_sum
             // tiles of 3 tokens (activations in registers) where they fit, 4 when 4 are left
             nt = T - t0 == 4 ? 4 : T - t0 >= 3 ? 3 : T - t0;
             const int8_t* x = x_q + t0 * kpad;
-            const bool fetch = t0 == 0 && prefetch_2bit;
             for (int64_t g = gb; g < ge; ++g) {
                 const uint8_t* group = packed + g * kpad;
                 switch (nt) {
                     case 1: tile_gemv(group, nblocks, x, dots); break;
-                    case 2: tile<2>(group, nblocks, x, kpad, dots, fetch); break;
-                    case 3: tile4x3(group, nblocks, x, kpad, dots, fetch); break;
-                    default: tile4x4(group, nblocks, x, kpad, dots, fetch); break;
+                    case 2: tile<2>(group, nblocks, x, kpad, dots, t0 == 0); break;
+                    case 3: tile4x3(group, nblocks, x, kpad, dots, t0 == 0); break;
+                    default: tile4x4(group, nblocks, x, kpad, dots, t0 == 0); break;
                 }
                 for (int64_t t = 0; t < nt; ++t)
                     store_group(out, t0 + t, g, n, dots[t], x_sum[t0 + t]);
