@@ -473,10 +473,10 @@ def decode_bytes_per_token(cfg: ModelConfig, head: str, layout: str = "2bit",
     packed_shape = LAYOUTS[layout][0]
     ternary = sum(np.prod(packed_shape(n, k)) for n, k in projection_shapes(cfg).values())
     V, H = cfg.vocab_size, cfg.hidden_size
-    k64, k128 = -(-H // 64) * 64, -(-H // 128) * 128
+    k64, k256 = -(-H // 64) * 64, -(-H // 256) * 256
     head_bytes = {
         "int8": V * (k64 + 8),  # codes + row scale and sum
-        "q4": V * (k128 // 2 + k128 // 16),  # nibbles + an f16 scale per 32
+        "q4": V * (k256 // 2 + k256 // 16),  # nibbles + an f16 scale per 32
         "float32": V * H * 4,
     }.get(head, V * H * 2)
     kv = 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * keys  # K and V, f16

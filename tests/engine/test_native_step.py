@@ -73,26 +73,50 @@ def test_compressed_output_layer(variant, head, min_corr):
                                    atol=1e-5 * np.abs(scalar).max())  # fmt: skip
 
 
+def q4_natural(p):
+    """kernels.h Q4RowsFn: position p of a 256-weight block holds weight q4_natural(p)."""
+    lane = p % 64 // 4
+    return 32 * (lane % 8) + 16 * (lane // 8) + 4 * (p // 64) + p % 4
+
+
 def test_q4_layout_round_trips():
-    """Nibble layout of kernels.h Q4RowsFn: byte 64c + m holds weights 128c + m and 128c + 64 + m."""
+    """Nibble layout of kernels.h Q4RowsFn: byte 64L + j of a 256-weight block holds positions
+    128L + j (low nibble) and 128L + 64 + j (high); position p is weight q4_natural(p)."""
     w = np.random.default_rng(1).standard_normal((37, 300)).astype(np.float16)
     nib, d = _native.quantize_rows_q4(w, False)
-    assert nib.shape == (37, 192) and d.shape == (37, 12) and nib.ctypes.data % 64 == 0
-    u = np.concatenate([nib.reshape(37, 3, 64) & 15, nib.reshape(37, 3, 64) >> 4], axis=2)
-    q = u.reshape(37, 384).astype(np.int32) - 8
+    assert nib.shape == (37, 256) and d.shape == (37, 16) and nib.ctypes.data % 64 == 0
+    blocks = nib.reshape(37, 2, 2, 64)  # row, block, L, byte
+    by_position = np.stack([blocks & 15, blocks >> 4], axis=3).reshape(37, 2, 256)
+    natural = np.empty_like(by_position)
+    natural[:, :, [q4_natural(p) for p in range(256)]] = by_position
+    q = natural.reshape(37, 512).astype(np.int32) - 8
     scale = np.repeat(d.view(np.float16).astype(np.float32), 32, axis=1)
     back = q * scale
     assert np.all(np.abs(back[:, :300] - w) <= scale[:, :300] / 2 + 1e-3)
     assert np.all(q[:, 300:] == 0)
     assert q.min() >= -8 and q.max() <= 7
+    assert sorted(q4_natural(p) for p in range(256)) == list(range(256))
 
 
 @pytest.fixture(scope="module")
 def wide_path(tmp_path_factory):
-    """Hidden size 1000: eight 128-value chunks per 4-bit row (the last one padded)."""
+    """Hidden size 1000: four 256-weight blocks per 4-bit row (the last one padded)."""
     cfg = make_config("relu2-subln-gqa-tied", hidden_size=1000, num_heads=4)
     path = tmp_path_factory.mktemp("wide") / "wide.safetensors"
     return save_native(path, cfg, random_tensors(cfg), TOKENIZER_JSON)
+
+
+def test_q4_head_every_isa_on_odd_blocks(tmp_path):
+    """Hidden size 600: three 256-weight blocks per 4-bit row (a pair, then a last one alone, in
+    the AVX-512 kernel), 16 tokens in tiles of 4: every ISA as the scalar kernel."""
+    cfg = make_config("relu2-subln-gqa-tied", hidden_size=600, num_heads=4)
+    path = save_native(tmp_path / "m.safetensors", cfg, random_tensors(cfg), TOKENIZER_JSON)
+    exact, small = bitnet158.load(path).engine, bitnet158.load(path, lm_head="q4").engine
+    scalar = native_logits(small, IDS, "scalar")
+    assert np.corrcoef(scalar.ravel(), native_logits(exact, IDS).ravel())[0, 1] >= 0.99
+    for isa in ISAS:
+        np.testing.assert_allclose(native_logits(small, IDS, isa), scalar, rtol=0,
+                                   atol=1e-5 * np.abs(scalar).max())  # fmt: skip
 
 
 @pytest.mark.parametrize("head", ["exact", "int8", "q4"])

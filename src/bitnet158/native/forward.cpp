@@ -73,6 +73,23 @@ BITNET158_CLONES void nibble_codes(const float* __restrict x, float inv, uint8_t
                                     8.0f);
 }
 
+// One token's int8 activations q[kpad] in the 4-bit output layer's order, and its corrections
+// (kernels.h Q4RowsFn): xr[256B + p] = q[256B + q4_natural(p)]; corr[16B + l] = -8 * the sum of
+// lane l's 16 activations, bytes 256B + 64s + 4l + b.
+void q4_activations(const int8_t* q, int64_t kpad, int8_t* xr, int32_t* corr) {
+    for (int64_t b0 = 0; b0 < kpad; b0 += kQ4Block)
+        for (int p = 0; p < kQ4Block; ++p)
+            xr[b0 + p] = q[b0 + q4_natural(p)];
+    for (int64_t lane = 0; lane < kpad / 16; ++lane) {
+        const int8_t* x = xr + kQ4Block * (lane / 16) + 4 * (lane % 16);
+        int32_t sum = 0;
+        for (int step = 0; step < 4; ++step)
+            for (int b = 0; b < 4; ++b)
+                sum += x[64 * step + b];
+        corr[lane] = -8 * sum;
+    }
+}
+
 // Unmap the pages around embedding row `token` (ModelWeights::release_embed_rows). A file
 // cached in 2 MB folios (formats/pages.py) maps a whole folio on a read fault (Linux 6.18), so
 // the lookups of a 512-token prompt mapped ~500 MB of embedding rows into the resident memory;
@@ -458,14 +475,12 @@ void forward(const ModelWeights& m, const int32_t* tokens, const int32_t* slots,
     if (m.head.w_q4) {
         const int64_t kp = m.head.kpad;
         AlignedArray<int8_t> hq(R * kp);
-        std::vector<int32_t> corr(static_cast<size_t>(R * kp / 4));
+        std::vector<int8_t> natural(static_cast<size_t>(kp));
+        std::vector<int32_t> corr(static_cast<size_t>(R * kp / 16));
         std::vector<float> inv_s(static_cast<size_t>(R));
         for (int64_t r = 0; r < R; ++r) {
-            int8_t* q = hq.get() + r * kp;
-            inv_s[size_t(r)] = 1.0f / kern.quantize_row(&h[size_t(r * H)], H, q);
-            for (int64_t j = 0; j < kp / 4; ++j)
-                corr[size_t(r * kp / 4 + j)] =
-                    -8 * (q[4 * j] + q[4 * j + 1] + q[4 * j + 2] + q[4 * j + 3]);
+            inv_s[size_t(r)] = 1.0f / kern.quantize_row(&h[size_t(r * H)], H, natural.data());
+            q4_activations(natural.data(), kp, hq.get() + r * kp, &corr[size_t(r * kp / 16)]);
         }
         parallel_ranges(V, cdiv(kMinHeadChunkBytes, kp / 2), [&](int64_t r0, int64_t r1) {
             kern.q4_rows(hq.get(), corr.data(), inv_s.data(), R, kp, m.head.w_q4, m.head.d_q4, r0,
@@ -514,21 +529,22 @@ void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64
         float* tmp = thread_scratch<float>(kpad, Scratch::row);
         to_float_row(w, dtype, r * k, k, tmp);
         std::fill(tmp + k, tmp + kpad, 0.0f);
-        uint8_t u[128];
-        for (int64_t c = 0; c < kpad / 128; ++c) {
-            for (int g = 0; g < 4; ++g) {
-                const float* x = tmp + 128 * c + 32 * g;
+        uint8_t u[kQ4Block];  // q + 8 in natural order
+        for (int64_t blk = 0; blk < kpad / kQ4Block; ++blk) {
+            for (int g = 0; g < 8; ++g) {
+                const float* x = tmp + kQ4Block * blk + 32 * g;
                 float amax = 0.0f;
                 for (int i = 0; i < 32; ++i)
                     amax = std::max(amax, std::fabs(x[i]));
                 const uint16_t dh = float_to_half(amax / 7.0f);
-                d[r * (kpad / 32) + 4 * c + g] = dh;
+                d[r * (kpad / 32) + 8 * blk + g] = dh;
                 const float df = half_to_float(dh);
                 nibble_codes(x, df > 0.0f ? 1.0f / df : 0.0f, u + 32 * g);
             }
-            uint8_t* b = nibbles + r * (kpad / 2) + 64 * c;  // low: weights 0-63, high: 64-127
-            for (int m = 0; m < 64; ++m)
-                b[m] = static_cast<uint8_t>(u[m] | u[64 + m] << 4);
+            uint8_t* b = nibbles + r * (kpad / 2) + kQ4Block / 2 * blk;
+            for (int j = 0; j < kQ4Block / 2; ++j)  // steps 2L (low) and 2L + 1 (high), L = j / 64
+                b[j] = static_cast<uint8_t>(u[q4_natural(64 * (j / 64) + j)] |
+                                            u[q4_natural(64 * (j / 64) + j + 64)] << 4);
         }
     });
 }

@@ -48,7 +48,7 @@ struct OutputLayer {
     const int8_t* w_i8 = nullptr;      // int8[vocab, kpad], kpad = hidden rounded up to 64
     const float* row_scale = nullptr;  // float32[vocab]
     const int32_t* row_sum = nullptr;  // int32[vocab]
-    const uint8_t* w_q4 = nullptr;     // uint8[vocab, kpad / 2], kpad = hidden rounded up to 128
+    const uint8_t* w_q4 = nullptr;     // uint8[vocab, kpad / 2], kpad = hidden rounded up to 256
     const uint16_t* d_q4 = nullptr;    // f16[vocab, kpad / 32]
     int64_t kpad = 0;
 };
@@ -99,7 +99,7 @@ void quantize_rows_int8(const void* w, Dtype dtype, int64_t rows, int64_t k, int
 
 // 4-bit copy of a float matrix w [rows, k] (dtype) in the layout of kernels.h Q4RowsFn:
 // nibbles uint8[rows, kpad / 2], d f16[rows, kpad / 32] with d = max|w| / 7 over each group
-// of 32 (rounded to f16) and q = clip(round(w / d), -8, 7); kpad = k rounded up to 128.
+// of 32 (rounded to f16) and q = clip(round(w / d), -8, 7); kpad = k rounded up to kQ4Block.
 void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64_t kpad,
                       uint8_t* nibbles, uint16_t* d);
 

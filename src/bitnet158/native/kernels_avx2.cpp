@@ -481,32 +481,37 @@ BITNET158_AVX2 void q4_rows_avx2(const int8_t* x_q, const int32_t* x_corr, const
                                  int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const __m256i low = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1);
-    const int64_t chunks = kpad / 128;
+    const int64_t blocks = kpad / kQ4Block;
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* wr = w + r * (kpad / 2);
         const uint16_t* dr = d + r * (kpad / 32);
         for (int64_t t = 0; t < T; ++t) {
             const int8_t* x = x_q + t * kpad;
-            const int32_t* corr = x_corr + t * (kpad / 4);
+            const int32_t* corr = x_corr + t * (kpad / 16);
             __m256 acc = _mm256_setzero_ps();
-            for (int64_t c = 0; c < chunks; ++c) {
-                const __m128 ds =
-                    _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(dr + 4 * c)));
-                for (int h = 0; h < 2; ++h) {  // bytes 32h..32h+31: groups h (low), 2 + h (high)
-                    const __m256i p = ld(reinterpret_cast<const int8_t*>(wr + 64 * c + 32 * h));
-                    const __m256i u[2] = {_mm256_and_si256(p, low),
-                                          _mm256_and_si256(_mm256_srli_epi16(p, 4), low)};
-                    for (int j = 0; j < 2; ++j) {  // maddubs: |pair| <= 2 * 15 * 128, no saturation
-                        const int g = 2 * j + h;
-                        const __m256i s = _mm256_add_epi32(
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(u[j], ld(x + 128 * c + 32 * g)),
-                                              ones),
-                            _mm256_loadu_si256(
-                                reinterpret_cast<const __m256i*>(corr + 32 * c + 8 * g)));
-                        const __m256 dg = _mm256_set1_ps(ds[g]);
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dg, acc);
-                    }
+            for (int64_t blk = 0; blk < blocks; ++blk) {
+                const int8_t* xb = x + kQ4Block * blk;
+                // int32 lane g: group g, its lanes g (h = 0) and 8 + g (h = 1) of Q4RowsFn
+                __m256i s = _mm256_add_epi32(
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 16 * blk)),
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + 16 * blk + 8)));
+                for (int i = 0; i < 4; ++i) {  // bytes 32i: L = i / 2, h = i % 2
+                    const __m256i p =
+                        ld(reinterpret_cast<const int8_t*>(wr + kQ4Block / 2 * blk + 32 * i));
+                    const int64_t at = 128 * (i / 2) + 32 * (i % 2);  // step 2L, lanes 8h..8h+7
+                    // maddubs: |pair| <= 2 * 15 * 128, no saturation
+                    s = _mm256_add_epi32(
+                        s, _mm256_madd_epi16(
+                               _mm256_maddubs_epi16(_mm256_and_si256(p, low), ld(xb + at)), ones));
+                    s = _mm256_add_epi32(
+                        s, _mm256_madd_epi16(
+                               _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 4), low),
+                                                    ld(xb + at + 64)),
+                               ones));
                 }
+                const __m128i dh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(dr + 8 * blk));
+                const __m256 ds = _mm256_cvtph_ps(dh);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), ds, acc);
             }
             out[t * ldo + r] = hsum8(acc) * inv_s[t];
         }

@@ -933,74 +933,69 @@ BITNET158_AVX512 void half_row_avx512(const float* x, int64_t n, uint16_t* out) 
     }
 }
 
-// One 128-weight chunk of a row for NT tokens: acc[t][J], acc[t][J + 1] += per-lane sums of
-// q x_t times their group scales. The nibbles are unpacked and the group scales spread to lanes
-// once for all NT tokens.
+// One block of a row of the 4-bit layer (Q4RowsFn) for NT tokens: its 4 steps' codes unpacked
+// and its 8 group scales spread to the 16 lanes once for all NT tokens; each token's 16 lane
+// sums (integers, from its correction) are converted once and acc[t][J] += them x the scales.
 template <int NT, int J>
-BITNET158_AVX512 static inline void q4_chunk_tokens(const uint8_t* w, const uint16_t* d,
+BITNET158_AVX512 static inline void q4_block_tokens(const uint8_t* w, const uint16_t* d,
                                                     const int8_t* x, int64_t ldx,
                                                     const int32_t* corr, int64_t ldc,
-                                                    __m512 acc[][4]) {
+                                                    __m512 acc[][2]) {
     const __m512i low = _mm512_set1_epi8(15);
-    // lanes 0-7 take the first group scale of a 64-weight half, lanes 8-15 the second
-    const __m512i lo_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i hi_idx = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
-    const __m512i p = load64(w);
-    const __m512i lo = _mm512_and_si512(p, low);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), low);
-    const __m512 ds =
-        _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(d))));
-    const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, ds), d_hi = _mm512_permutexvar_ps(hi_idx, ds);
-    for (int t = 0; t < NT; ++t) {  // corr + sum (q + 8) x = sum q x, per lane of 4 weights
+    const __m512i p0 = load64(w), p1 = load64(w + 64);
+    const __m512i c0 = _mm512_and_si512(p0, low);
+    const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(p0, 4), low);
+    const __m512i c2 = _mm512_and_si512(p1, low);
+    const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(p1, 4), low);
+    const __m512 ds = _mm512_castps256_ps512(
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d))));
+    const __m512 scale = _mm512_shuffle_f32x4(ds, ds, 0x44);  // lanes g and 8 + g: group g
+    for (int t = 0; t < NT; ++t) {  // corr + sum (q + 8) x = sum q x, per lane
         const int8_t* xt = x + t * ldx;
-        const int32_t* ct = corr + t * ldc;
-        const __m512i a0 =
-            _mm512_dpbusd_epi32(_mm512_loadu_si512(ct), lo, _mm512_loadu_si512(xt));
-        const __m512i a1 =
-            _mm512_dpbusd_epi32(_mm512_loadu_si512(ct + 16), hi, _mm512_loadu_si512(xt + 64));
-        acc[t][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), d_lo, acc[t][J]);
-        acc[t][J + 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), d_hi, acc[t][J + 1]);
+        __m512i sum = _mm512_loadu_si512(corr + t * ldc);
+        dpbusd_into(sum, c0, _mm512_loadu_si512(xt));
+        dpbusd_into(sum, c1, _mm512_loadu_si512(xt + 64));
+        dpbusd_into(sum, c2, _mm512_loadu_si512(xt + 128));
+        dpbusd_into(sum, c3, _mm512_loadu_si512(xt + 192));
+        acc[t][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[t][J]);
     }
 }
 
 constexpr int64_t kQ4PrefetchBytes = 2048;  // of nibbles (an eighth as many of scales)
 
-// One row x NT tokens: two chunks per step so that four accumulator chains per token hide the
-// FMA latency. Each token's sums take the same order whatever NT: a batch does not change a logit.
+// One row x NT tokens: the blocks alternate between two accumulator chains per token. Each
+// token's sums take the same order whatever NT: a batch does not change a logit.
 template <int NT>
 BITNET158_AVX512 static void q4_row_tokens(const int8_t* x_q, const int32_t* x_corr,
                                            const float* inv_s, int64_t kpad, const uint8_t* wr,
                                            const uint16_t* dr, int64_t r, int64_t t0, float* out,
                                            int64_t ldo) {
-    const int64_t chunks = kpad / 128, ldc = kpad / 4;
+    const int64_t blocks = kpad / kQ4Block, ldc = kpad / 16, bytes = kQ4Block / 2;
     const int8_t* x = x_q + t0 * kpad;
     const int32_t* corr = x_corr + t0 * ldc;
-    __m512 acc[NT][4];
+    __m512 acc[NT][2];
     for (int t = 0; t < NT; ++t)
-        for (int j = 0; j < 4; ++j)
-            acc[t][j] = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + 2 <= chunks; c += 2) {
+        acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
         // the rows (and their scales) ahead into L2, as tile_gemv does for the ternary stream
-        _mm_prefetch(reinterpret_cast<const char*>(wr + 64 * c + kQ4PrefetchBytes), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(wr + 64 * c + 64 + kQ4PrefetchBytes),
-                     _MM_HINT_T1);
-        if (c % 8 == 0)  // 8 chunks of scales per line
-            _mm_prefetch(reinterpret_cast<const char*>(dr + 4 * c + kQ4PrefetchBytes / 8),
+        const char* ahead = reinterpret_cast<const char*>(wr + bytes * b + kQ4PrefetchBytes);
+        for (int line = 0; line < 4; ++line)
+            _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+        if (b % 4 == 0)  // 4 blocks of scales per line
+            _mm_prefetch(reinterpret_cast<const char*>(dr + 8 * b + kQ4PrefetchBytes / 16),
                          _MM_HINT_T1);
-        q4_chunk_tokens<NT, 0>(wr + 64 * c, dr + 4 * c, x + 128 * c, kpad, corr + 32 * c, ldc,
-                               acc);
-        q4_chunk_tokens<NT, 2>(wr + 64 * c + 64, dr + 4 * c + 4, x + 128 * c + 128, kpad,
-                               corr + 32 * c + 32, ldc, acc);
+        q4_block_tokens<NT, 0>(wr + bytes * b, dr + 8 * b, x + kQ4Block * b, kpad, corr + 16 * b,
+                               ldc, acc);
+        q4_block_tokens<NT, 1>(wr + bytes * (b + 1), dr + 8 * (b + 1), x + kQ4Block * (b + 1),
+                               kpad, corr + 16 * (b + 1), ldc, acc);
     }
-    if (c < chunks)
-        q4_chunk_tokens<NT, 0>(wr + 64 * c, dr + 4 * c, x + 128 * c, kpad, corr + 32 * c, ldc,
-                               acc);
-    for (int t = 0; t < NT; ++t) {
-        const __m512 sum =
-            _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3]));
-        out[(t0 + t) * ldo + r] = _mm512_reduce_add_ps(sum) * inv_s[t0 + t];
-    }
+    if (b < blocks)
+        q4_block_tokens<NT, 0>(wr + bytes * b, dr + 8 * b, x + kQ4Block * b, kpad, corr + 16 * b,
+                               ldc, acc);
+    for (int t = 0; t < NT; ++t)
+        out[(t0 + t) * ldo + r] =
+            _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) * inv_s[t0 + t];
 }
 
 using Q4RowTokensFn = void (*)(const int8_t*, const int32_t*, const float*, int64_t,

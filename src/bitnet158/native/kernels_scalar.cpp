@@ -149,16 +149,16 @@ void q4_rows_scalar(const int8_t* x_q, const int32_t* x_corr, const float* inv_s
         for (int64_t t = 0; t < T; ++t) {
             const int8_t* x = x_q + t * kpad;
             float acc = 0.0f;
-            for (int64_t c = 0; c < kpad / 128; ++c) {
-                const uint8_t* b = wr + 64 * c;
-                for (int g = 0; g < 4; ++g) {  // groups of 32: low nibbles 0-63, high 64-127
-                    int32_t dot = 0;
-                    for (int i = 32 * g; i < 32 * g + 32; ++i) {
-                        const int q = (i < 64 ? b[i] & 15 : b[i - 64] >> 4) - 8;
-                        dot += q * x[128 * c + i];
-                    }
-                    acc += half_to_float(dr[4 * c + g]) * static_cast<float>(dot);
+            for (int64_t blk = 0; blk < kpad / kQ4Block; ++blk) {
+                const uint8_t* b = wr + kQ4Block / 2 * blk;
+                int32_t dot[8] = {};
+                for (int p = 0; p < kQ4Block; ++p) {  // step s = p / 64: byte 64 (s / 2) + p % 64
+                    const int s = p / 64;
+                    const int q = ((b[64 * (s / 2) + p % 64] >> (4 * (s % 2))) & 15) - 8;
+                    dot[q4_natural(p) / 32] += q * x[kQ4Block * blk + p];
                 }
+                for (int g = 0; g < 8; ++g)
+                    acc += half_to_float(dr[8 * blk + g]) * static_cast<float>(dot[g]);
             }
             out[t * ldo + r] = acc * inv_s[t];
         }

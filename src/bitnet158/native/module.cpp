@@ -424,7 +424,7 @@ public:
         const ModelShape& sh = w_.shape;
         if (!head_set_)
             throw nb::value_error("set_output first");
-        const int64_t kpad = round_up(sh.hidden, 128);
+        const int64_t kpad = round_up(sh.hidden, kQ4Block);
         const uint8_t* nd = typed<uint8_t>(nibbles, 2, "4-bit lm_head", 64);
         const uint16_t* dd = typed<uint16_t>(d, 2, "4-bit lm_head scales");
         check_shape(nb::ndarray<>(nibbles), {sh.vocab, kpad / 2}, "4-bit lm_head");
@@ -737,7 +737,7 @@ NB_MODULE(_native, m) {
             const Dtype dt = float_dtype(w, bf16, "w");
             check_layout(w, 2, w.itemsize(), "w");
             const int64_t rows = w.shape(0), k = w.shape(1),
-                          kpad = round_up(std::max<int64_t>(k, 1), 128);
+                          kpad = round_up(std::max<int64_t>(k, 1), kQ4Block);
             uint8_t* nib;
             uint16_t* d;
             auto nib_arr = new_aligned<uint8_t>(rows, kpad / 2, &nib);
@@ -750,8 +750,9 @@ NB_MODULE(_native, m) {
         },
         "w"_a.noconvert(), "bf16"_a = false,
         "4-bit copy of a float matrix w [rows, k] for the output layer -> (nibbles uint8[rows, "
-        "ceil(k/128)*64], d float16 bits uint16[rows, ceil(k/128)*4]): groups of 32 weights "
-        "q = clip(round(w / d), -8, 7) with d = max|w| / 7 per group.");
+        "ceil(k/256)*128], d float16 bits uint16[rows, ceil(k/256)*8]): groups of 32 weights "
+        "q = clip(round(w / d), -8, 7) with d = max|w| / 7 per group; 256 weights take 128 bytes "
+        "in the order of the kernels (kernels.h Q4RowsFn).");
 
     nb::class_<NativeModel>(m, "Model",
                             "Weights of a model for the native decoder step (borrowed arrays).")
