@@ -529,7 +529,7 @@ void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64
         float* tmp = thread_scratch<float>(kpad, Scratch::row);
         to_float_row(w, dtype, r * k, k, tmp);
         std::fill(tmp + k, tmp + kpad, 0.0f);
-        uint8_t u[kQ4Block];  // q + 8 in natural order
+        uint32_t u[kQ4Block / 4];  // q + 8 in natural order, 4 weights per word
         for (int64_t blk = 0; blk < kpad / kQ4Block; ++blk) {
             for (int g = 0; g < 8; ++g) {
                 const float* x = tmp + kQ4Block * blk + 32 * g;
@@ -539,12 +539,18 @@ void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64
                 const uint16_t dh = float_to_half(amax / 7.0f);
                 d[r * (kpad / 32) + 8 * blk + g] = dh;
                 const float df = half_to_float(dh);
-                nibble_codes(x, df > 0.0f ? 1.0f / df : 0.0f, u + 32 * g);
+                nibble_codes(x, df > 0.0f ? 1.0f / df : 0.0f,
+                             reinterpret_cast<uint8_t*>(u) + 32 * g);
             }
+            // 4 bytes of a lane's step stay together in both orders: word 16L + l of the block
+            // holds lane l's steps 2L (low nibbles) and 2L + 1 (high; codes <= 15 stay in their
+            // bytes when the word shifts)
             uint8_t* b = nibbles + r * (kpad / 2) + kQ4Block / 2 * blk;
-            for (int j = 0; j < kQ4Block / 2; ++j)  // steps 2L (low) and 2L + 1 (high), L = j / 64
-                b[j] = static_cast<uint8_t>(u[q4_natural(64 * (j / 64) + j)] |
-                                            u[q4_natural(64 * (j / 64) + j + 64)] << 4);
+            for (int word = 0; word < kQ4Block / 8; ++word) {
+                const int low = 4 * (word + word / 16 * 16);  // position 64 * 2L + 4l
+                const uint32_t v = u[q4_natural(low) / 4] | u[q4_natural(low + 64) / 4] << 4;
+                std::memcpy(b + 4 * word, &v, 4);
+            }
         }
     });
 }
