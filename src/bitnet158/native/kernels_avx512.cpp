@@ -821,13 +821,20 @@ BITNET158_AVX512 static inline void float_tiles(const float* h, int64_t T, int64
     }
 }
 
-// Rows in fours, the next four prefetched (for one token too: four FMA chains, and with the
-// prefetch ~15 % faster than one row at a time; without it, ~30 % slower). Batches: 4 rows x 4
-// tokens per tile, 16 accumulators, 4 conversions and 4 activation loads per 16 FMAs.
+// Rows in fours, the next four prefetched (for one token too: four FMA chains; on the first
+// hosts, before the 2 MB pages, ~15 % faster than one row at a time and ~30 % slower without the
+// prefetch) except for one token where prefetch_gemv is off (AMD): a row at a time there, measured
+// faster in the fourteenth session (kernels.h). Batches: 4 rows x 4 tokens per tile, 16
+// accumulators, 4 conversions and 4 activation loads per 16 FMAs.
 BITNET158_AVX512 void float_rows_avx512(const float* h, int64_t T, int64_t k, const void* w,
                                         Dtype wt, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t row_bytes = k * dtype_size(wt);
     int64_t r = r0;
+    if (T == 1 && !prefetch_gemv) {  // a row at a time, the hardware prefetchers alone (kernels.h)
+        for (; r < r1; ++r)
+            float_tiles<1>(h, T, k, w, wt, r, out, ldo, nullptr);
+        return;
+    }
     for (; r + 4 <= r1; r += 4) {
         const char* next =
             r + 8 <= r1 ? static_cast<const char*>(w) + (r + 4) * row_bytes : nullptr;
