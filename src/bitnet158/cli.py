@@ -318,7 +318,7 @@ def _model_config(args: argparse.Namespace, vocab_size: int | None):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.commands import read_tokenizer, run_pretraining
-    from .train.distributed import init_distributed
+    from .train.distributed import process_group
 
     tcfg = _train_config(args)
     if args.plot_schedule:
@@ -331,7 +331,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
     if not args.data or not args.out:
         raise ValueError("train needs --data and --out (or only --plot-schedule)")
-    init_distributed()
     model_config = None
     if args.init is None:
         import tokenizers
@@ -345,34 +344,35 @@ def cmd_train(args: argparse.Namespace) -> int:
             tok = args.data[0]
         vocab = tokenizers.Tokenizer.from_str(read_tokenizer(tok)[0]).get_vocab_size()
         model_config = _model_config(args, vocab)
-    summary = run_pretraining(
-        args.data, args.out, tcfg, model_config=model_config, init=args.init,
-        tokenizer=args.tokenizer, val_data=args.val_data, val_tokens=args.val_tokens,
-        ternary=not args.fp, export=args.export, export_hf_dir=args.export_hf,
-    )  # fmt: skip
-    return _print_summary(args, summary)
+    with process_group():
+        summary = run_pretraining(
+            args.data, args.out, tcfg, model_config=model_config, init=args.init,
+            tokenizer=args.tokenizer, val_data=args.val_data, val_tokens=args.val_tokens,
+            ternary=not args.fp, export=args.export, export_hf_dir=args.export_hf,
+        )  # fmt: skip
+        return _print_summary(args, summary)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from .train.commands import run_sft
-    from .train.distributed import init_distributed
+    from .train.distributed import process_group
 
-    init_distributed()
-    summary = run_sft(args.model, args.data, args.out, _train_config(args),
-                      reduction=args.loss_reduction, packing=not args.no_packing,
-                      export=args.export, export_hf_dir=args.export_hf)  # fmt: skip
-    return _print_summary(args, summary)
+    with process_group():
+        summary = run_sft(args.model, args.data, args.out, _train_config(args),
+                          reduction=args.loss_reduction, packing=not args.no_packing,
+                          export=args.export, export_hf_dir=args.export_hf)  # fmt: skip
+        return _print_summary(args, summary)
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
     from .train.commands import run_dpo
-    from .train.distributed import init_distributed
+    from .train.distributed import process_group
 
-    init_distributed()
-    summary = run_dpo(args.model, args.data, args.out, _train_config(args), beta=args.beta,
-                      ref_model=args.ref_model, export=args.export,
-                      export_hf_dir=args.export_hf)  # fmt: skip
-    return _print_summary(args, summary)
+    with process_group():
+        summary = run_dpo(args.model, args.data, args.out, _train_config(args), beta=args.beta,
+                          ref_model=args.ref_model, export=args.export,
+                          export_hf_dir=args.export_hf)  # fmt: skip
+        return _print_summary(args, summary)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

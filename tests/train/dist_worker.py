@@ -10,7 +10,7 @@ import torch
 
 from bitnet158.config import ModelConfig
 from bitnet158.nn.model import Transformer
-from bitnet158.train.distributed import init_distributed, shutdown
+from bitnet158.train.distributed import process_group
 from bitnet158.train.pretrain import TrainConfig, pretrain
 
 
@@ -39,14 +39,14 @@ def fp_model() -> Transformer:
 
 def main() -> None:
     out, strategy, accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    info = init_distributed()
     run_dir = out.removesuffix(".json") + "-fp-run"  # the fp run also writes a checkpoint
-    curves = {kind: train_curve(strategy, accum, kind == "bitnet", run_dir if kind == "fp" else None)
-              for kind in ("fp", "bitnet")}  # fmt: skip
-    if info.is_main:
-        with open(out, "w") as f:
-            json.dump({"world": info.world_size, **curves}, f)
-    shutdown()
+    with process_group() as info:
+        curves = {kind: train_curve(strategy, accum, kind == "bitnet",
+                                    run_dir if kind == "fp" else None)
+                  for kind in ("fp", "bitnet")}  # fmt: skip
+        if info.is_main:
+            with open(out, "w") as f:
+                json.dump({"world": info.world_size, **curves}, f)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ The backend is gloo on CPU (nccl when CUDA is used).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +93,26 @@ def bf16_supported() -> bool:
         return False
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group. With `wait`, every process first waits for the others, so none
+    tears down its connections while a peer still uses them (gloo can abort at exit then)."""
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(backend: str | None = None) -> Iterator[DistInfo]:
+    """`init_distributed` for the length of a run, leaving the group at the end when this call
+    joined it; after an error, at once (a barrier could wait forever on a failed peer)."""
+    joined = dist.is_available() and not dist.is_initialized()
+    info = init_distributed(backend)
+    try:
+        yield info
+    except BaseException:
+        if joined:
+            shutdown(wait=False)
+        raise
+    if joined:
+        shutdown()
