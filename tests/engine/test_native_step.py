@@ -19,7 +19,7 @@ from test_engine_model import IDS, assert_close_logits, torch_logits
 import bitnet158
 from bitnet158 import _native
 from bitnet158.engine import model as engine_model
-from bitnet158.engine.kv_cache import KEY_TILE
+from bitnet158.engine.kv_cache import KEY_TILE, aligned_zeros
 from bitnet158.errors import GenerationError
 from bitnet158.formats.native import load_native, save_native
 
@@ -96,6 +96,74 @@ def test_q4_layout_round_trips():
     assert np.all(q[:, 300:] == 0)
     assert q.min() >= -8 and q.max() <= 7
     assert sorted(q4_natural(p) for p in range(256)) == list(range(256))
+
+
+def q4_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_rows_q4 in numpy, float32 as the C++ computes it: per group of 32,
+    d = half(max|x| / 7) and q = clip(rint(x * (1 / d)), -8, 7); q + 8 in nibbles (layout above)."""
+    rows, k = w.shape
+    kpad = -(-k // 256) * 256
+    x = np.zeros((rows, kpad), np.float32)
+    x[:, :k] = w.astype(np.float32)
+    groups = x.reshape(rows, -1, 32)
+    d = (np.abs(groups).max(axis=2) / np.float32(7)).astype(np.float16)
+    df = d.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(df > 0, np.float32(1) / df, np.float32(0)).astype(np.float32)
+    codes = (np.clip(np.rint(groups * inv[:, :, None]), -8, 7) + 8).astype(np.uint8)
+    natural = codes.reshape(rows, -1, 256)[:, :, [q4_natural(p) for p in range(256)]]
+    halves = natural.reshape(rows, -1, 2, 2, 64)  # row, block, L, low/high, byte
+    nibbles = halves[:, :, :, 0] | halves[:, :, :, 1] << 4
+    return nibbles.reshape(rows, kpad // 2), d.view(np.uint16)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+@pytest.mark.parametrize("k", [200, 600])
+def test_q4_quantize_equals_numpy(dtype, k):
+    """Bit for bit, on rows of 1 and 3 blocks (the last padded), with a zero group, halves'
+    subnormals and values on rounding ties."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((19, k)).astype(np.float32)
+    w[3, :64] = 0  # groups of zeros: d = 0
+    w[4] *= 1e-6  # subnormal halves
+    w[5, :32] = np.r_[np.arange(-7, 7.5, 0.5), 0.5, 1.5, 2.5]  # d = 1: codes on .5 ties
+    if dtype == "bfloat16":
+        bits = (w.view(np.uint32) >> 16).astype(np.uint16)
+        got = _native.quantize_rows_q4(bits, True)
+        w = (bits.astype(np.uint32) << 16).view(np.float32)
+    else:
+        w = w.astype(dtype)
+        got = _native.quantize_rows_q4(w, False)
+    for part, want in zip(got, q4_reference(w), strict=True):
+        np.testing.assert_array_equal(part, want)
+
+
+@pytest.mark.parametrize("quantize", ["quantize_rows_int8", "quantize_rows_q4"])
+def test_quantize_into_given_arrays(quantize):
+    """out= writes the rows where the load's whole copy keeps them: the same bits as a fresh
+    result, in the caller's arrays; arrays of the wrong shape, dtype or alignment are refused."""
+    fn = getattr(_native, quantize)
+    w = np.random.default_rng(6).standard_normal((40, 300)).astype(np.float16)
+    want = fn(w, False)
+    whole = [aligned_zeros((80,) + p.shape[1:], p.dtype) for p in want]
+    out = tuple(p[40:] for p in whole)
+    assert fn(w, False, out=out) is out
+    for p, q in zip(whole, want, strict=True):
+        np.testing.assert_array_equal(p[40:], q)
+        assert not p[:40].any()
+    with pytest.raises(ValueError, match=r"out\[0\].* must have shape"):
+        fn(w, False, out=tuple(p[39:] for p in whole))
+    with pytest.raises(TypeError, match=r"out\[1\].* must be"):
+        fn(w, False, out=(out[0], out[1].astype(np.float64), *out[2:]))
+    with pytest.raises(ValueError, match="out must be a tuple of"):
+        fn(w, False, out=out[:1])
+    shifted = np.zeros(out[0].size + 1, np.uint8)[1:].view(out[0].dtype).reshape(out[0].shape)
+    with pytest.raises(ValueError, match="64-byte aligned"):
+        fn(w, False, out=(shifted, *out[1:]))
+    frozen = out[0].copy()
+    frozen.flags.writeable = False
+    with pytest.raises(TypeError, match="writable"):
+        fn(w, False, out=(frozen, *out[1:]))
 
 
 @pytest.fixture(scope="module")

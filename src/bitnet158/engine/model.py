@@ -84,18 +84,18 @@ HEAD_BLOCK_ROWS = 8192  # output-layer rows quantized per block at load
 
 
 def _quantize_in_blocks(quantize, w: np.ndarray, bf16: bool) -> tuple[np.ndarray, ...]:
-    """A compressed copy of the output layer w [V, H], a block of rows at a time, each block's
-    memory-mapped source pages released once read: the load never holds both whole copies
-    (peak memory: ternary layers + compressed copy, not + the F16 matrix)."""
-    parts = None
+    """A compressed copy of the output layer w [V, H], a block of rows at a time, written in
+    place, each block's memory-mapped source pages released once read: the load never holds
+    both whole copies (peak memory: ternary layers + compressed copy, not + the F16 matrix)."""
+    # Quantizing no rows gives the parts' dtypes and row shapes.
+    parts = tuple(
+        aligned_zeros((w.shape[0],) + p.shape[1:], p.dtype) for p in quantize(w[:0], bf16)
+    )
     for r0 in range(0, w.shape[0], HEAD_BLOCK_ROWS):
-        block = quantize(w[r0 : r0 + HEAD_BLOCK_ROWS], bf16)
-        if parts is None:
-            parts = [aligned_zeros((w.shape[0],) + b.shape[1:], b.dtype) for b in block]
-        for whole, b in zip(parts, block, strict=True):
-            whole[r0 : r0 + len(b)] = b
-        _release_pages(w[r0 : r0 + HEAD_BLOCK_ROWS])
-    return tuple(parts)
+        rows = slice(r0, r0 + HEAD_BLOCK_ROWS)
+        quantize(w[rows], bf16, out=tuple(p[rows] for p in parts))
+        _release_pages(w[rows])
+    return parts
 
 
 class EngineModel:

@@ -50,13 +50,13 @@ int32_t row_sum(const int8_t* x, int64_t k) {
     return s;
 }
 
-// out[k] = row of a float matrix as float32 (F16C where the CPU has it).
+// out[k] = row of a float matrix as float32 (the clones vectorize every dtype's loop).
 BITNET158_CLONES void to_float_row(const void* w, Dtype t, int64_t off, int64_t k,
                                    float* __restrict out) {
     if (t == Dtype::f16) {
-        const _Float16* p = static_cast<const _Float16*>(w) + off;
+        const uint16_t* p = static_cast<const uint16_t*>(w) + off;
         for (int64_t i = 0; i < k; ++i)
-            out[i] = static_cast<float>(p[i]);
+            out[i] = half_to_float(p[i]);
     } else if (t == Dtype::bf16) {
         const uint16_t* p = static_cast<const uint16_t*>(w) + off;
         for (int64_t i = 0; i < k; ++i)
@@ -66,11 +66,46 @@ BITNET158_CLONES void to_float_row(const void* w, Dtype t, int64_t off, int64_t 
     }
 }
 
-// q[32] = clip(round(x * inv), -8, 7) + 8 of one group.
-BITNET158_CLONES void nibble_codes(const float* __restrict x, float inv, uint8_t* __restrict q) {
-    for (int i = 0; i < 32; ++i)
-        q[i] = static_cast<uint8_t>(std::min(7.0f, std::max(-8.0f, std::nearbyint(x[i] * inv))) +
-                                    8.0f);
+// One row of the 4-bit output layer (quantize_rows_q4) from x[kpad], zero past the row's end:
+// per group of 32, d = half(max|x| / 7) and codes clip(round(x / d), -8, 7) + 8, in the order of
+// kernels.h Q4RowsFn.
+BITNET158_CLONES void quantize_row_q4(const float* __restrict x, int64_t kpad,
+                                      uint8_t* __restrict nibbles, uint16_t* __restrict d) {
+    for (int64_t blk = 0; blk < kpad / kQ4Block; ++blk) {
+        alignas(64) uint8_t codes[kQ4Block];  // q + 8 in natural order
+        for (int g = 0; g < 8; ++g) {
+            const float* xg = x + kQ4Block * blk + 32 * g;
+            // max |x| over the bits: non-negative floats order as their bits do, and an integer
+            // max vectorizes where a float one does not; NaNs count as 0, as std::max skips them
+            int32_t top = 0;
+            for (int i = 0; i < 32; ++i) {
+                int32_t b;
+                __builtin_memcpy(&b, &xg[i], 4);
+                b &= 0x7fffffff;
+                b = b > 0x7f800000 ? 0 : b;
+                top = top > b ? top : b;  // (GCC keeps std::max of these scalar)
+            }
+            float amax;
+            __builtin_memcpy(&amax, &top, 4);
+            const uint16_t dh = float_to_half(amax / 7.0f);
+            d[8 * blk + g] = dh;
+            const float df = half_to_float(dh), inv = df > 0.0f ? 1.0f / df : 0.0f;
+            for (int i = 0; i < 32; ++i)
+                codes[32 * g + i] = static_cast<uint8_t>(
+                    std::min(7.0f, std::max(-8.0f, std::nearbyint(xg[i] * inv))) + 8.0f);
+        }
+        // word 16L + l of the block holds lane l's steps 2L (low nibbles) and 2L + 1 (high):
+        // the 4 bytes of a lane's step are 4 consecutive weights of one group
+        uint8_t* b = nibbles + kQ4Block / 2 * blk;
+        for (int word = 0; word < kQ4Block / 8; ++word) {
+            const int low = 4 * (word + word / 16 * 16);  // position 64 * 2L + 4l
+            uint32_t lo, hi;
+            __builtin_memcpy(&lo, codes + q4_natural(low), 4);
+            __builtin_memcpy(&hi, codes + q4_natural(low + 64), 4);
+            const uint32_t v = lo | hi << 4;
+            __builtin_memcpy(b + 4 * word, &v, 4);
+        }
+    }
 }
 
 // One token's int8 activations q[kpad] in the 4-bit output layer's order, and its corrections
@@ -529,29 +564,7 @@ void quantize_rows_q4(const void* w, Dtype dtype, int64_t rows, int64_t k, int64
         float* tmp = thread_scratch<float>(kpad, Scratch::row);
         to_float_row(w, dtype, r * k, k, tmp);
         std::fill(tmp + k, tmp + kpad, 0.0f);
-        uint32_t u[kQ4Block / 4];  // q + 8 in natural order, 4 weights per word
-        for (int64_t blk = 0; blk < kpad / kQ4Block; ++blk) {
-            for (int g = 0; g < 8; ++g) {
-                const float* x = tmp + kQ4Block * blk + 32 * g;
-                float amax = 0.0f;
-                for (int i = 0; i < 32; ++i)
-                    amax = std::max(amax, std::fabs(x[i]));
-                const uint16_t dh = float_to_half(amax / 7.0f);
-                d[r * (kpad / 32) + 8 * blk + g] = dh;
-                const float df = half_to_float(dh);
-                nibble_codes(x, df > 0.0f ? 1.0f / df : 0.0f,
-                             reinterpret_cast<uint8_t*>(u) + 32 * g);
-            }
-            // 4 bytes of a lane's step stay together in both orders: word 16L + l of the block
-            // holds lane l's steps 2L (low nibbles) and 2L + 1 (high; codes <= 15 stay in their
-            // bytes when the word shifts)
-            uint8_t* b = nibbles + r * (kpad / 2) + kQ4Block / 2 * blk;
-            for (int word = 0; word < kQ4Block / 8; ++word) {
-                const int low = 4 * (word + word / 16 * 16);  // position 64 * 2L + 4l
-                const uint32_t v = u[q4_natural(low) / 4] | u[q4_natural(low + 64) / 4] << 4;
-                std::memcpy(b + 4 * word, &v, 4);
-            }
-        }
+        quantize_row_q4(tmp, kpad, nibbles + r * (kpad / 2), d + r * (kpad / 32));
     });
 }
 

@@ -246,15 +246,33 @@ const T* typed(const A& a, size_t ndim, const char* what, size_t align = alignof
     return static_cast<const T*>(a.data());
 }
 
-// An array argument that C++ writes (the KV cache): refused when read-only.
+// An array argument that C++ writes (the KV cache, an out= array): refused when read-only.
 ArrRW writable(const nb::handle& obj, const char* what) {
     ArrRW a;
     if (!nb::try_cast(obj, a, false))
         throw nb::type_error((std::string(what) +
                               " must be a writable array on the CPU (not read-only or "
-                              "memory-mapped read-only): the step writes keys and values into it")
+                              "memory-mapped read-only): the native code writes into it")
                                  .c_str());
     return a;
+}
+
+// The data of out[i], an array the caller gives for a result: writable, of element type T,
+// C-contiguous, `align`-byte aligned and of the result's shape.
+template <class T>
+T* out_part(const nb::tuple& out, size_t i, std::initializer_list<int64_t> shape,
+            const char* what, size_t align = alignof(T)) {
+    const ArrRW a = writable(out[i], what);
+    typed<T>(a, shape.size(), what, align);
+    check_shape(nb::ndarray<>(a), shape, what);
+    return static_cast<T*>(a.data());
+}
+
+// out= of the quantize functions: none (they allocate) or a tuple of `parts` arrays.
+void check_out(const std::optional<nb::tuple>& out, size_t parts) {
+    if (out && out->size() != parts)
+        throw nb::value_error(
+            ("out must be a tuple of " + std::to_string(parts) + " arrays").c_str());
 }
 
 // The weights of a model for the native decoder step (forward.h). The arrays are borrowed,
@@ -708,51 +726,71 @@ NB_MODULE(_native, m) {
 
     m.def(
         "quantize_rows_int8",
-        [](Arr w, bool bf16, std::optional<std::string> isa) {
+        [](Arr w, bool bf16, std::optional<std::string> isa, std::optional<nb::tuple> out) {
             const Isa use = pick_isa(isa);
             const Dtype dt = float_dtype(w, bf16, "w");
             check_layout(w, 2, w.itemsize(), "w");
+            check_out(out, 3);
             const int64_t rows = w.shape(0), k = w.shape(1),
                           kpad = round_up(std::max<int64_t>(k, 1), 64);
             int8_t* q;
             float* scale;
             int32_t* sum;
-            // 64-byte aligned rows: allocate one spare line and return an aligned view
-            auto q_arr = new_aligned<int8_t>(rows, kpad, &q);
-            auto s_arr = new_array<float>({size_t(rows)}, &scale);
-            auto sum_arr = new_array<int32_t>({size_t(rows)}, &sum);
+            nb::tuple result;
+            if (out) {  // rows 64-byte aligned, as the kernels read them
+                q = out_part<int8_t>(*out, 0, {rows, kpad}, "out[0] (q)", 64);
+                scale = out_part<float>(*out, 1, {rows}, "out[1] (row_scale)");
+                sum = out_part<int32_t>(*out, 2, {rows}, "out[2] (row_sum)");
+                result = *out;
+            } else {  // 64-byte aligned rows: allocate one spare line and return an aligned view
+                auto q_arr = new_aligned<int8_t>(rows, kpad, &q);
+                auto s_arr = new_array<float>({size_t(rows)}, &scale);
+                auto sum_arr = new_array<int32_t>({size_t(rows)}, &sum);
+                result = nb::make_tuple(q_arr, s_arr, sum_arr);
+            }
             {
                 nb::gil_scoped_release release;
                 quantize_rows_int8(w.data(), dt, rows, k, kpad, q, scale, sum, use);
             }
-            return nb::make_tuple(q_arr, s_arr, sum_arr);
+            return result;
         },
-        "w"_a.noconvert(), "bf16"_a = false, "isa"_a = nb::none(),
+        "w"_a.noconvert(), "bf16"_a = false, "isa"_a = nb::none(), "out"_a = nb::none(),
         "Per-row int8 copy of a float matrix w [rows, k] -> (q int8[rows, ceil(k/64)*64], "
-        "row_scale float32[rows] = 127/max|row|, row_sum int32[rows]), for the int8 output layer.");
+        "row_scale float32[rows] = 127/max|row|, row_sum int32[rows]), for the int8 output layer; "
+        "written into `out` (a tuple of those three arrays, q 64-byte aligned) when given.");
 
     m.def(
         "quantize_rows_q4",
-        [](Arr w, bool bf16) {
+        [](Arr w, bool bf16, std::optional<nb::tuple> out) {
             const Dtype dt = float_dtype(w, bf16, "w");
             check_layout(w, 2, w.itemsize(), "w");
+            check_out(out, 2);
             const int64_t rows = w.shape(0), k = w.shape(1),
                           kpad = round_up(std::max<int64_t>(k, 1), kQ4Block);
             uint8_t* nib;
             uint16_t* d;
-            auto nib_arr = new_aligned<uint8_t>(rows, kpad / 2, &nib);
-            auto d_arr = new_array<uint16_t>({size_t(rows), size_t(kpad / 32)}, &d);
+            nb::tuple result;
+            if (out) {
+                nib = out_part<uint8_t>(*out, 0, {rows, kpad / 2}, "out[0] (nibbles)", 64);
+                d = out_part<uint16_t>(*out, 1, {rows, kpad / 32}, "out[1] (d)");
+                result = *out;
+            } else {
+                auto nib_arr = new_aligned<uint8_t>(rows, kpad / 2, &nib);
+                auto d_arr = new_array<uint16_t>({size_t(rows), size_t(kpad / 32)}, &d);
+                result = nb::make_tuple(nib_arr, d_arr);
+            }
             {
                 nb::gil_scoped_release release;
                 quantize_rows_q4(w.data(), dt, rows, k, kpad, nib, d);
             }
-            return nb::make_tuple(nib_arr, d_arr);
+            return result;
         },
-        "w"_a.noconvert(), "bf16"_a = false,
+        "w"_a.noconvert(), "bf16"_a = false, "out"_a = nb::none(),
         "4-bit copy of a float matrix w [rows, k] for the output layer -> (nibbles uint8[rows, "
         "ceil(k/256)*128], d float16 bits uint16[rows, ceil(k/256)*8]): groups of 32 weights "
         "q = clip(round(w / d), -8, 7) with d = max|w| / 7 per group; 256 weights take 128 bytes "
-        "in the order of the kernels (kernels.h Q4RowsFn).");
+        "in the order of the kernels (kernels.h Q4RowsFn). Written into `out` (a tuple of those "
+        "two arrays, nibbles 64-byte aligned) when given.");
 
     nb::class_<NativeModel>(m, "Model",
                             "Weights of a model for the native decoder step (borrowed arrays).")
