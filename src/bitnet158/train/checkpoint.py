@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import FormatError
 from ..formats.atomic import fsync_path
+from .distributed import barrier
 
 FORMAT = "bitnet158-train"
 FORMAT_VERSION = 1
@@ -48,13 +49,6 @@ def _is_main() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -117,7 +111,7 @@ def save_checkpoint(
     model_sd = get_model_state_dict(model, options=opts)  # collective under FSDP
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     if not _is_main():
-        _barrier()
+        barrier()
         return None
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -155,7 +149,7 @@ def save_checkpoint(
         raise
     for old in checkpoints(run)[:-keep] if keep > 0 else []:
         _discard(old)
-    _barrier()
+    barrier()
     return final
 
 

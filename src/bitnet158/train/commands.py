@@ -20,6 +20,7 @@ from ..errors import ConfigError, FormatError
 from ..formats.tokenizer import Tokenizer
 from ..nn.model import Transformer
 from .data import TokenizeStats, TokenShards, split_holdout, tokenize_to_shards
+from .distributed import barrier, current
 from .loop import TrainConfig
 from .models import (
     export_hf,
@@ -35,8 +36,6 @@ Log = Callable[[str], None]
 
 def _main_log(log: Log) -> Log:
     """`log` on process 0, silence on the others (each process of torchrun runs the command)."""
-    from .distributed import current
-
     return log if current().is_main else (lambda _msg: None)
 
 
@@ -88,14 +87,9 @@ def _tokenize(files, out, tok_json: str, field="text", shard_tokens=1 << 24, pro
 
 def _main_first(work: Callable[[], object]) -> None:
     """Run `work` on process 0 only, the others waiting for it (files shared by the processes)."""
-    import torch.distributed as dist
-
-    from .distributed import current
-
     if current().is_main:
         work()
-    if current().enabled:
-        dist.barrier()
+    barrier()
 
 
 def _token_data(paths: Sequence[str | os.PathLike], run: Path, tok_json: str, name: str):
@@ -116,6 +110,7 @@ def _write_run_files(run: Path, cfg: ModelConfig, tok_json: str) -> None:
         raise ConfigError(
             f"{run} holds a run of another model configuration; use a new --out directory"
         )
+    barrier()  # every process has read the old file before process 0 rewrites it
 
     def write() -> None:
         run.mkdir(parents=True, exist_ok=True)
@@ -132,8 +127,6 @@ def _finish(model, result, tcfg: TrainConfig, tok_json: str, template, export, e
     if result.history:
         summary["val_loss"] = result.history[-1]["val_loss"]
         summary["val_ppl"] = math.exp(min(summary["val_loss"], 700))
-    from .distributed import current
-
     model = gathered(model)  # collective: every process takes part
     if current().is_main:
         if export:

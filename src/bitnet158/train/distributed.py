@@ -93,12 +93,18 @@ def bf16_supported() -> bool:
         return False
 
 
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for in a single-process run)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def shutdown(wait: bool = True) -> None:
     """Leave the process group. With `wait`, every process first waits for the others, so none
     tears down its connections while a peer still uses them (gloo can abort at exit then)."""
     if dist.is_available() and dist.is_initialized():
-        if wait and dist.get_world_size() > 1:
-            dist.barrier()
+        if wait:
+            barrier()
         dist.destroy_process_group()
 
 
