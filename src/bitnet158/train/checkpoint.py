@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import FormatError
 from ..formats.atomic import fsync_path
-from .distributed import barrier
+from .distributed import barrier, current
 
 FORMAT = "bitnet158-train"
 FORMAT_VERSION = 1
@@ -43,12 +43,6 @@ def _state_options(offload: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=offload)
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -110,7 +104,7 @@ def save_checkpoint(
     opts = _state_options()
     model_sd = get_model_state_dict(model, options=opts)  # collective under FSDP
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
-    if not _is_main():
+    if not current().is_main:
         barrier()
         return None
     run = Path(run_dir)
