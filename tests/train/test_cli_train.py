@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from train_fixtures import CORPUS, TOKENIZER_JSON
+from train_fixtures import CORPUS, TOKENIZER_JSON, torchrun, torchrun_failure
 
 import bitnet158
 from bitnet158.cli import build_parser, main
@@ -187,17 +187,11 @@ def test_errors_are_one_line(trained, capsys, args, message):
 
 
 def test_torchrun_two_processes_fsdp_train_and_export(trained, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "bitnet158.cli", "train", "--data", str(trained / "tok"), "--out",
-           str(tmp_path / "run"), "--strategy", "fsdp", "--export", str(tmp_path / "m.safetensors"),
-           *[a for a in TRAIN if a != "--json"]]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(["-m", "bitnet158.cli", "train", "--data", str(trained / "tok"),
+                       "--out", str(tmp_path / "run"), "--strategy", "fsdp",
+                       "--export", str(tmp_path / "m.safetensors"),
+                       *[a for a in TRAIN if a != "--json"]])  # fmt: skip
+    assert result.returncode == 0, torchrun_failure(result)
     assert result.stdout.count("steps: 6") == 1  # the summary comes from process 0 only
     model, _ = load_for_export(tmp_path / "run")
     ids = [0, 20, 31, 45]

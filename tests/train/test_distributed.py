@@ -2,15 +2,13 @@
 global batch; gradient accumulation too."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from dist_worker import fp_model, train_curve
+from train_fixtures import torchrun, torchrun_failure
 
 from bitnet158.train.checkpoint import load_checkpoint
 
@@ -29,15 +27,12 @@ def one_process(tmp_path_factory) -> dict:
     return {**curves, "run_dir": run_dir}
 
 
-def torchrun(tmp_path: Path, strategy: str, accum: int) -> dict:
+def run_workers(tmp_path: Path, strategy: str, accum: int) -> dict:
     out = tmp_path / f"{strategy}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(HERE / "dist_worker.py"), str(out), strategy, str(accum)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun([str(HERE / "dist_worker.py"), str(out), strategy, str(accum)])
     # Whether process 0 wrote its results tells a failure in training from one at teardown.
     wrote = "after" if out.exists() else "before"
-    assert result.returncode == 0, f"failed {wrote} writing results:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"failed {wrote} writing results\n{torchrun_failure(result)}"
     return json.loads(out.read_text())
 
 
@@ -50,7 +45,7 @@ def assert_same_curve(got: dict, want: dict, kind: str) -> None:
 
 @pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("fsdp", 2)])
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path, one_process, strategy, accum):
-    run = torchrun(tmp_path, strategy, accum)
+    run = run_workers(tmp_path, strategy, accum)
     assert run["world"] == 2
     for kind in ("fp", "bitnet"):
         assert_same_curve(run[kind], one_process[kind], kind)

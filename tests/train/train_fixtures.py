@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -70,3 +74,22 @@ def corpus_tokens(repeats: int = 10) -> np.ndarray:
         for line in CORPUS[:4]:
             ids += tok.encode(line) + [1]
     return np.asarray(ids, dtype=np.uint16)
+
+
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 --standalone ARGS`, on gloo with one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def torchrun_failure(result: subprocess.CompletedProcess) -> str:
+    """Each process's last lines of a failed torchrun, then its end: the first process to fail
+    is often not the one the end shows (a peer left waiting fails later, at more length)."""
+    lines = result.stderr.splitlines()
+    parts = []
+    for rank in (0, 1):
+        own = [line for line in lines if line.startswith(f"[rank{rank}]")]
+        parts.append(f"--- process {rank}:\n" + "\n".join(own[-15:]))
+    return "\n".join([*parts, "--- the end:", *lines[-25:]])
