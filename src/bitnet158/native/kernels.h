@@ -271,8 +271,8 @@ inline float row_scale(float amax, bool has_nan) {
     return has_nan ? __builtin_nanf("") : activation_scale(amax);
 }
 
-// IEEE half and bfloat16 bits -> float32, exactly (the scalar paths; SIMD ones convert in
-// hardware).
+// IEEE half and bfloat16 bits -> float32, exactly (scalar paths and the loops the clones
+// vectorize; the SIMD kernels convert in hardware).
 inline float half_to_float(uint16_t h) {
     // Branch-free, so that loops of it vectorize: a half's magnitude bits moved into a float's
     // place are its value times 2^-112, subnormals included (exact: a power of two); infinities

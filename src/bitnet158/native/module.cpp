@@ -58,10 +58,9 @@ Out<T> new_array(std::initializer_list<size_t> shape, T** data) {
 }
 
 // T[rows, cols] whose data is 64-byte aligned (cols * sizeof(T) a multiple of 64 keeps every
-// row so), in pages of its own: the output-layer copies are made a block of rows at a time
-// (engine.model._quantize_in_blocks), and once glibc has freed one such block its dynamic mmap
-// threshold serves the next ones from the heap, which kept ~270 MB of freed blocks resident
-// after an int8 head's load. The first page holds the mapping's size.
+// row so), in pages of its own that go back to the system when the array is freed: from glibc's
+// heap, quantizing an output layer a block at a time into fresh arrays once kept ~270 MB of freed
+// blocks resident (the load now passes out= instead). The first page holds the mapping's size.
 template <class T>
 Out<T> new_aligned(int64_t rows, int64_t cols, T** data) {
     const size_t page = size_t(sysconf(_SC_PAGESIZE));
