@@ -13,6 +13,9 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "kernels.h"
 #include "kernels_tq1.h"
@@ -73,12 +76,26 @@ constexpr int64_t kAmxCallBytes = 768 << 10;
 }  // namespace
 
 #if defined(BITNET158_X86)
-extern const bool prefetch_gemv = [] {
+namespace {
+// CPUID's display family (base + extended), 0 where leaf 1 is missing: AMD Zen 3 and 4 are
+// 0x19, Zen 5 0x1a.
+unsigned cpu_family() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx))
+        return 0;
+    const unsigned base = (eax >> 8) & 0xf;
+    return base == 0xf ? base + ((eax >> 20) & 0xff) : base;
+}
+bool amd() {
     __builtin_cpu_init();
-    return !__builtin_cpu_is("amd");
-}();
+    return __builtin_cpu_is("amd");
+}
+}  // namespace
+extern const bool prefetch_gemv = !amd() || cpu_family() >= 0x1a;
+extern const bool float_row_at_a_time = amd();
 #else
 extern const bool prefetch_gemv = true;
+extern const bool float_row_at_a_time = false;
 #endif
 
 void* thread_scratch_bytes(int64_t bytes, Scratch which) {

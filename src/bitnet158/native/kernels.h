@@ -20,13 +20,17 @@ constexpr int kMaxTileTokens = 4;  // tokens one GEMM tile reuses each weight bl
 // faster in 16 of 16 alternating rounds, a whole 4-bit-head step ~8 % in 9 of 10, the AVX2
 // decode 3-12 % in 6 of 6): its own prefetchers keep up, and the extra requests compete with
 // them. Batches of 4 and 16 tokens there still gain from it (5 of 6 rounds each), and so does
-// the 1.6-bit GEMV, which spends more time per byte decoding (5 of 6). prefetch_gemv says
-// whether the one-token 2-bit GEMV fetches ahead (CPUID at load: not on AMD); where it does not,
-// the one-token float output layer also streams a row at a time with no prefetch of its own
-// (Zen 4: a head-bound step at a median 0.87 of the read probe against 0.82 for 4 rows at once
-// and their prefetch, 12 alternating runs each).
+// the 1.6-bit GEMV, which spends more time per byte decoding (5 of 6). Zen 5 is like Intel here
+// again: the GEMV over the 2B-4T weights ~9 % faster with it (7 of 8 alternating rounds), a
+// 4-bit-head step in 10 of 14. prefetch_gemv says whether the one-token 2-bit GEMV fetches
+// ahead (CPUID at load: not on AMD before Zen 5).
+// float_row_at_a_time: the one-token float output layer streams a row at a time with no
+// prefetch of its own, on AMD (Zen 4: a head-bound step at a median 0.87 of the read probe
+// against 0.82 for 4 rows at once and their prefetch, 12 alternating runs each; Zen 5: a
+// one-layer 2B-4T step, 95 % head, ~15 % faster in 7 of 8 rounds).
 constexpr int64_t kGemvPrefetchBytes = 3072;
 extern const bool prefetch_gemv;
+extern const bool float_row_at_a_time;
 
 // The 4 row lines of the weight block at w (one group of our layout), kGemvPrefetchBytes ahead,
 // into L2 (prefetcht1 on x86).

@@ -823,14 +823,14 @@ BITNET158_AVX512 static inline void float_tiles(const float* h, int64_t T, int64
 
 // Rows in fours, the next four prefetched (for one token too: four FMA chains; on the first
 // hosts, before the 2 MB pages, ~15 % faster than one row at a time and ~30 % slower without the
-// prefetch) except for one token where prefetch_gemv is off (AMD): a row at a time there, measured
-// faster in the fourteenth session (kernels.h). Batches: 4 rows x 4 tokens per tile, 16
+// prefetch) except for one token where float_row_at_a_time (AMD): a row at a time there, measured
+// faster on Zen 4 and Zen 5 (kernels.h). Batches: 4 rows x 4 tokens per tile, 16
 // accumulators, 4 conversions and 4 activation loads per 16 FMAs.
 BITNET158_AVX512 void float_rows_avx512(const float* h, int64_t T, int64_t k, const void* w,
                                         Dtype wt, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t row_bytes = k * dtype_size(wt);
     int64_t r = r0;
-    if (T == 1 && !prefetch_gemv) {  // a row at a time, the hardware prefetchers alone (kernels.h)
+    if (T == 1 && float_row_at_a_time) {  // the hardware prefetchers alone (kernels.h)
         for (; r < r1; ++r)
             float_tiles<1>(h, T, k, w, wt, r, out, ldo, nullptr);
         return;
